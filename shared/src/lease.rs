@@ -1,0 +1,476 @@
+//! The lease protocol between lease holders (agents) and witnesses.
+//!
+//! One JSON message per request and per response, the same on every transport
+//! (HTTPS today, UDP inside the WireGuard link later). Requests are validated
+//! here, once, by [`Request::decode`]: a witness never sees a name, holder or
+//! TTL outside the bounds below.
+//!
+//! Epochs are fencing tokens: a witness grants an epoch only if it is strictly
+//! greater than every epoch it has granted for that lease before (DESIGN.md,
+//! invariant 1). The proposer picks the epoch (max seen + 1), so that the same
+//! epoch can be granted by a majority of independent witnesses.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest request body a witness accepts, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// Longest lease name (a DNS name fits: `continuum/<namespace>/<name>`).
+pub const MAX_NAME_LEN: usize = 200;
+/// Longest holder id (a region name).
+pub const MAX_HOLDER_LEN: usize = 63;
+/// Shortest TTL a witness grants: below this, renewals cannot keep up.
+pub const MIN_TTL: Duration = Duration::from_millis(200);
+/// Longest TTL a witness grants: a dead holder blocks failover this long.
+pub const MAX_TTL: Duration = Duration::from_secs(600);
+
+/// Why a request was refused before reaching the lease logic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("request body is {0} bytes; the limit is {MAX_REQUEST_BYTES}")]
+    TooLarge(usize),
+    #[error("request body is not a valid lease request: {0}")]
+    Malformed(String),
+    #[error("invalid field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl DecodeError {
+    /// Stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge(_) => "too_large",
+            DecodeError::Malformed(_) => "malformed",
+            DecodeError::Invalid { .. } => "invalid",
+        }
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> DecodeError {
+    DecodeError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// A lease name such as `continuum/db/app`: 1..=200 of `[a-z0-9._/-]`,
+/// starting and ending with an alphanumeric character.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct LeaseName(String);
+
+/// The id of a lease holder (a region): 1..=63 of `[a-z0-9-]`, like a DNS label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HolderId(String);
+
+fn check_name(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.len() > MAX_NAME_LEN {
+        return Err(format!("{} characters; at most {MAX_NAME_LEN}", s.len()));
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '/' | '-'))
+    {
+        return Err(format!("character {c:?} not allowed; use [a-z0-9._/-]"));
+    }
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if !alnum(s.chars().next()) || !alnum(s.chars().last()) {
+        return Err("must start and end with [a-z0-9]".into());
+    }
+    Ok(())
+}
+
+fn check_holder(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.len() > MAX_HOLDER_LEN {
+        return Err(format!("{} characters; at most {MAX_HOLDER_LEN}", s.len()));
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '-'))
+    {
+        return Err(format!("character {c:?} not allowed; use [a-z0-9-]"));
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return Err("must start and end with [a-z0-9]".into());
+    }
+    Ok(())
+}
+
+impl LeaseName {
+    pub fn new(s: impl Into<String>) -> Result<Self, DecodeError> {
+        let s = s.into();
+        check_name(&s).map_err(|r| invalid("name", r))?;
+        Ok(Self(s))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl HolderId {
+    pub fn new(s: impl Into<String>) -> Result<Self, DecodeError> {
+        let s = s.into();
+        check_holder(&s).map_err(|r| invalid("holder", r))?;
+        Ok(Self(s))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+macro_rules! string_newtype {
+    ($t:ty, $check:ident, $field:literal) => {
+        impl TryFrom<String> for $t {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                $check(&s).map_err(|r| format!("invalid {}: {r}", $field))?;
+                Ok(Self(s))
+            }
+        }
+        impl From<$t> for String {
+            fn from(v: $t) -> String {
+                v.0
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+string_newtype!(LeaseName, check_name, "name");
+string_newtype!(HolderId, check_holder, "holder");
+
+/// A fencing token. Zero means "never granted".
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Epoch(pub u64);
+
+impl Epoch {
+    pub fn next(self) -> Epoch {
+        Epoch(self.0.saturating_add(1))
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// What the primary records with its grant so that a standby can decide
+/// whether it may promote (DESIGN.md invariant 3).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseMeta {
+    /// The holder id of the standby guaranteed synchronous. `None` means no
+    /// standby is known to be synchronous: automatic promotion is forbidden.
+    #[serde(default)]
+    pub sync_standby: Option<HolderId>,
+    /// Last WAL position the primary confirmed flushed on the sync standby.
+    #[serde(default)]
+    pub confirmed_lsn: Option<u64>,
+    /// Orders updates within one epoch; a witness keeps the highest.
+    #[serde(default)]
+    pub seq: u64,
+}
+
+/// A lease request. The externally tagged JSON form is the wire format:
+/// `{"acquire": {"name": "...", "holder": "...", "epoch": 3, "ttl_ms": 5000}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Take the lease at `epoch` (proposed by the caller; must exceed every
+    /// epoch this witness has granted for the lease), or re-confirm it if the
+    /// caller already holds exactly that epoch.
+    Acquire(Acquire),
+    /// Extend a lease the caller holds at `epoch`.
+    Renew(Acquire),
+    /// Give the lease up; the epoch stays recorded.
+    Release(Release),
+    /// Read the lease as this witness sees it.
+    Read(Read),
+    /// Replace the metadata record; only the current holder at its epoch.
+    UpdateMeta(UpdateMeta),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acquire {
+    pub name: LeaseName,
+    pub holder: HolderId,
+    pub epoch: Epoch,
+    pub ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Release {
+    pub name: LeaseName,
+    pub holder: HolderId,
+    pub epoch: Epoch,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Read {
+    pub name: LeaseName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateMeta {
+    pub name: LeaseName,
+    pub holder: HolderId,
+    pub epoch: Epoch,
+    pub meta: LeaseMeta,
+}
+
+impl Acquire {
+    pub fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms)
+    }
+}
+
+impl Request {
+    /// Decode and validate one request body. Every witness transport calls
+    /// this; nothing else parses requests.
+    pub fn decode(body: &[u8]) -> Result<Request, DecodeError> {
+        if body.len() > MAX_REQUEST_BYTES {
+            return Err(DecodeError::TooLarge(body.len()));
+        }
+        let req: Request =
+            serde_json::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        req.validate()?;
+        Ok(req)
+    }
+
+    /// Checks the bounds serde cannot express.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        match self {
+            Request::Acquire(a) | Request::Renew(a) => {
+                let ttl = a.ttl();
+                if ttl < MIN_TTL || ttl > MAX_TTL {
+                    return Err(invalid(
+                        "ttl_ms",
+                        format!(
+                            "{} is out of range {}..={}",
+                            a.ttl_ms,
+                            MIN_TTL.as_millis(),
+                            MAX_TTL.as_millis()
+                        ),
+                    ));
+                }
+                if a.epoch == Epoch(0) {
+                    return Err(invalid("epoch", "must be at least 1"));
+                }
+            }
+            Request::Release(r) => {
+                if r.epoch == Epoch(0) {
+                    return Err(invalid("epoch", "must be at least 1"));
+                }
+            }
+            Request::Read(_) => {}
+            Request::UpdateMeta(u) => {
+                if u.epoch == Epoch(0) {
+                    return Err(invalid("epoch", "must be at least 1"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn name(&self) -> &LeaseName {
+        match self {
+            Request::Acquire(a) | Request::Renew(a) => &a.name,
+            Request::Release(r) => &r.name,
+            Request::Read(r) => &r.name,
+            Request::UpdateMeta(u) => &u.name,
+        }
+    }
+
+    /// Stable label for metrics and logs.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Acquire(_) => "acquire",
+            Request::Renew(_) => "renew",
+            Request::Release(_) => "release",
+            Request::Read(_) => "read",
+            Request::UpdateMeta(_) => "update_meta",
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing these plain structs cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// A lease as one witness sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseView {
+    pub name: LeaseName,
+    /// The live holder, if any (by this witness's clock).
+    pub holder: Option<HolderId>,
+    /// Epoch of the live holder, or of the last grant when free.
+    pub epoch: Epoch,
+    /// Highest epoch this witness ever granted for the lease.
+    pub max_epoch: Epoch,
+    /// Time left on the live grant, by this witness's clock.
+    pub remaining_ms: Option<u64>,
+    /// Last metadata written by a holder (kept across expiry).
+    pub meta: Option<LeaseMeta>,
+    /// Epoch of the holder that wrote `meta`.
+    pub meta_epoch: Epoch,
+}
+
+/// A witness's answer. HTTP maps `Granted`/`Released`/`State`/`MetaStored`
+/// to 200 and the refusals to 409.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    /// The caller holds the lease at `epoch` for `ttl_ms` from when the
+    /// witness received the request.
+    Granted { epoch: Epoch, ttl_ms: u64 },
+    /// Someone else holds it.
+    Held {
+        holder: HolderId,
+        epoch: Epoch,
+        remaining_ms: u64,
+    },
+    /// The proposed epoch is not above the highest this witness granted.
+    EpochTooLow { max_epoch: Epoch },
+    /// The caller is not the current holder at that epoch.
+    NotHolder {
+        holder: Option<HolderId>,
+        epoch: Epoch,
+    },
+    Released,
+    State(LeaseView),
+    MetaStored,
+    /// The request was refused before the lease logic (bad input, auth,
+    /// store failure). `code` is a stable label.
+    Error { code: String, message: String },
+}
+
+impl Response {
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Response::Held { .. } | Response::EpochTooLow { .. } | Response::NotHolder { .. }
+        )
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Response, DecodeError> {
+        if body.len() > 4 * MAX_REQUEST_BYTES {
+            return Err(DecodeError::TooLarge(body.len()));
+        }
+        serde_json::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acquire_json(name: &str, holder: &str, epoch: u64, ttl: u64) -> String {
+        format!(
+            r#"{{"acquire":{{"name":"{name}","holder":"{holder}","epoch":{epoch},"ttl_ms":{ttl}}}}}"#
+        )
+    }
+
+    #[test]
+    fn decodes_a_valid_acquire() {
+        let req = Request::decode(acquire_json("continuum/db/app", "eu-1", 3, 5000).as_bytes());
+        let Ok(Request::Acquire(a)) = req else {
+            panic!("expected acquire, got {req:?}");
+        };
+        assert_eq!(a.name.as_str(), "continuum/db/app");
+        assert_eq!(a.holder.as_str(), "eu-1");
+        assert_eq!(a.epoch, Epoch(3));
+        assert_eq!(a.ttl(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn refuses_bad_input_with_the_field_named() {
+        let cases: &[(&str, &str)] = &[
+            (&acquire_json("", "eu-1", 1, 5000), "name"),
+            (&acquire_json(&"a".repeat(201), "eu-1", 1, 5000), "name"),
+            (&acquire_json("Upper", "eu-1", 1, 5000), "name"),
+            (&acquire_json("/lead", "eu-1", 1, 5000), "name"),
+            (&acquire_json("db", "", 1, 5000), "holder"),
+            (&acquire_json("db", "eu_1", 1, 5000), "holder"),
+            (&acquire_json("db", &"h".repeat(64), 1, 5000), "holder"),
+            (&acquire_json("db", "eu-1", 1, 0), "ttl_ms"),
+            (&acquire_json("db", "eu-1", 1, 199), "ttl_ms"),
+            (&acquire_json("db", "eu-1", 1, 600_001), "ttl_ms"),
+            (&acquire_json("db", "eu-1", 0, 5000), "epoch"),
+        ];
+        for (body, field) in cases {
+            let err = Request::decode(body.as_bytes()).expect_err(body);
+            let msg = err.to_string();
+            assert!(msg.contains(field), "{body}: {msg} should name {field}");
+        }
+    }
+
+    #[test]
+    fn refuses_negative_ttl_unknown_fields_and_garbage() {
+        for body in [
+            r#"{"acquire":{"name":"db","holder":"a","epoch":1,"ttl_ms":-5}}"#,
+            r#"{"acquire":{"name":"db","holder":"a","epoch":1,"ttl_ms":5000,"x":1}}"#,
+            r#"{"acquire":{"name":"db","holder":"a","epoch":1}}"#,
+            r#"{"steal":{"name":"db"}}"#,
+            r#"{"read":{"name":"db"},"renew":{"name":"db"}}"#,
+            "",
+            "null",
+            "\u{0}\u{1}",
+        ] {
+            let err = Request::decode(body.as_bytes()).expect_err(body);
+            assert_eq!(err.label(), "malformed", "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn refuses_oversized_bodies_before_parsing() {
+        let body = vec![b' '; MAX_REQUEST_BYTES + 1];
+        assert_eq!(
+            Request::decode(&body),
+            Err(DecodeError::TooLarge(MAX_REQUEST_BYTES + 1))
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = Request::decode(&body);
+        }
+
+        #[test]
+        fn valid_requests_round_trip(epoch in 1u64.., ttl in 200u64..=600_000, name in "[a-z0-9]([a-z0-9./_-]{0,30}[a-z0-9])?", holder in "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?") {
+            let req = Request::Renew(Acquire {
+                name: LeaseName::new(name).expect("generated valid"),
+                holder: HolderId::new(holder).expect("generated valid"),
+                epoch: Epoch(epoch),
+                ttl_ms: ttl,
+            });
+            proptest::prop_assert_eq!(Request::decode(&req.encode()), Ok(req));
+        }
+    }
+}

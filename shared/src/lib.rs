@@ -1,0 +1,8 @@
+//! Continuum's shared core: the lease protocol (types, wire format, validation),
+//! the quorum client, and the plumbing both binaries use.
+//!
+//! Nothing in this crate talks to Kubernetes: domain types and decisions stay
+//! plain so they can be tested exhaustively.
+#![forbid(unsafe_code)]
+
+pub mod lease;

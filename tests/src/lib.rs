@@ -1,0 +1,3 @@
+//! Test harness: starts real components (witness, etcd, PowerDNS, PostgreSQL,
+//! wireguard-go) as processes, injects faults, checks recorded histories.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! The witness: a lease arbiter outside the regions.
+#![forbid(unsafe_code)]
