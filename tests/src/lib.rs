@@ -1,3 +1,13 @@
 //! Test harness: starts real components (witness, etcd, PowerDNS, PostgreSQL,
 //! wireguard-go) as processes, injects faults, checks recorded histories.
+//!
+//! Each module is owned by the capability it serves; tests live in `tests/`
+//! and benchmarks in `bench/`, dispatched by the `bench` binary.
 #![forbid(unsafe_code)]
+
+pub mod bench;
+pub mod checker;
+pub mod etcd_proc;
+pub mod pdns_proc;
+pub mod pki;
+pub mod witness_proc;

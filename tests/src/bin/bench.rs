@@ -1,3 +1,35 @@
 //! `bench <subcommand>`: every Continuum benchmark, printing figures side by side
 //! with the reference they are compared to in the same run.
-fn main() {}
+#![forbid(unsafe_code)]
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "bench", about = "Continuum benchmarks (figures, never pass/fail)")]
+struct Cli {
+    /// Print one JSON object instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    which: Which,
+}
+
+#[derive(Debug, Subcommand)]
+enum Which {
+    /// Witness renewals/s and latency vs etcd; RSS with 10,000 leases.
+    Witness,
+    /// Round-trip time over the WireGuard link vs plain UDP.
+    Link,
+    /// Stuck HelmRelease recovery with 2,000 HelmReleases.
+    HrRecovery,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.which {
+        Which::Witness => continuum_tests::bench::witness::run(cli.json).await,
+        Which::Link => continuum_tests::bench::link::run(cli.json).await,
+        Which::HrRecovery => continuum_tests::bench::hr_recovery::run(cli.json).await,
+    }
+}

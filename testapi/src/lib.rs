@@ -1,0 +1,2 @@
+//! Strict in-process Kubernetes API test server (in progress).
+#![forbid(unsafe_code)]
