@@ -1,21 +1,40 @@
 //! continuum-agent: runs in every cluster of a Sovereign.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Continuum agent: keeps a multi-region Sovereign alive without a human.
-///
-/// Controllers arrive issue by issue; this binary currently offers the
-/// shared plumbing only.
 #[derive(Debug, Parser)]
 #[command(name = "continuum-agent", version, about, long_about = None)]
 struct Cli {
     /// Log format: `json` for production, `text` for a terminal.
-    #[arg(long, env = "CONTINUUM_LOG_FORMAT", default_value = "json")]
-    log_format: String,
+    #[arg(long, env = "CONTINUUM_LOG_FORMAT", default_value = "json", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {}
 }
