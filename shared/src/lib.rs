@@ -6,3 +6,5 @@
 #![forbid(unsafe_code)]
 
 pub mod lease;
+pub mod quorum;
+pub mod transport;
