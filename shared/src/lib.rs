@@ -5,6 +5,7 @@
 //! plain so they can be tested exhaustively.
 #![forbid(unsafe_code)]
 
+pub mod dns;
 pub mod lease;
 pub mod quorum;
 pub mod transport;
