@@ -1,0 +1,314 @@
+//! The embedded store: leases in memory, durable state in a redb file.
+//!
+//! Requests for one lease are serialized by that lease's own async mutex,
+//! held across the fsync of a grant, so a grant is on disk before anyone
+//! (its holder or a competitor) hears of it. Leases are spread over shards
+//! so renewals of different leases do not contend.
+//!
+//! Writes go through one writer thread that commits everything pending in
+//! one redb transaction with `Durability::Immediate` (group commit): one
+//! fsync covers many concurrent grants.
+//!
+//! What is durable and why: see the [`arbiter`](crate::arbiter) module.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use continuum_shared::lease::{LeaseName, LeaseView, Request};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
+
+use super::{Applied, StoreError};
+use crate::arbiter::{decide, Effect, LeaseRecord, PersistedLease};
+
+const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
+const SHARDS: usize = 64;
+/// Most writes committed in one transaction.
+const MAX_BATCH: usize = 1024;
+/// redb page cache: the table is small (10,000 leases are about 2 MB).
+const CACHE_BYTES: usize = 4 << 20;
+/// File name inside `--data-dir`.
+pub const DB_FILE: &str = "witness.redb";
+
+type Slot = Arc<tokio::sync::Mutex<LeaseRecord>>;
+
+struct WriteOp {
+    key: String,
+    value: Vec<u8>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+pub struct EmbeddedStore {
+    shards: Box<[Mutex<HashMap<LeaseName, Slot>>]>,
+    writer: Mutex<mpsc::Sender<WriteOp>>,
+    writer_alive: Arc<AtomicBool>,
+}
+
+fn shard_of(name: &LeaseName) -> usize {
+    let mut h = DefaultHasher::new();
+    name.hash(&mut h);
+    (h.finish() as usize) % SHARDS
+}
+
+impl EmbeddedStore {
+    /// Open (or create) the store in `dir` and load every lease, applying the
+    /// restart rule (`restart_rule = false` only in the unsafe test mode).
+    /// Refuses to start on an unreadable record: guessing could lower an epoch.
+    pub fn open(dir: &Path, restart_rule: bool) -> Result<EmbeddedStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(dir.join(DB_FILE))
+            .map_err(redb::Error::from)?;
+        {
+            let txn = db.begin_write().map_err(redb::Error::from)?;
+            txn.open_table(LEASES).map_err(redb::Error::from)?;
+            txn.commit().map_err(redb::Error::from)?;
+        }
+        let now = Instant::now();
+        let shards: Box<[Mutex<HashMap<LeaseName, Slot>>]> =
+            (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
+        let mut loaded = 0usize;
+        {
+            let txn = db.begin_read().map_err(redb::Error::from)?;
+            let table = txn.open_table(LEASES).map_err(redb::Error::from)?;
+            for entry in table.iter().map_err(redb::Error::from)? {
+                let (k, v) = entry.map_err(redb::Error::from)?;
+                let key = k.value().to_string();
+                let name = LeaseName::new(key.clone()).map_err(|e| StoreError::Corrupt {
+                    key: key.clone(),
+                    reason: e.to_string(),
+                })?;
+                let p: PersistedLease =
+                    serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                        key: key.clone(),
+                        reason: e.to_string(),
+                    })?;
+                let rec = LeaseRecord::restored(p, now, restart_rule);
+                let shard = &shards[shard_of(&name)];
+                shard
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name, Arc::new(tokio::sync::Mutex::new(rec)));
+                loaded += 1;
+            }
+        }
+        tracing::info!(
+            leases = loaded,
+            restart_rule,
+            path = %dir.join(DB_FILE).display(),
+            "embedded store loaded; leases that had a holder stay held for their persisted TTL from now (restart rule)"
+        );
+        if !restart_rule {
+            tracing::warn!(
+                "UNSAFE test mode: restart rule disabled, persisted holders are treated as expired"
+            );
+        }
+        let (tx, rx) = mpsc::channel::<WriteOp>();
+        let writer_alive = Arc::new(AtomicBool::new(true));
+        let alive = writer_alive.clone();
+        std::thread::Builder::new()
+            .name("witness-redb-writer".into())
+            .spawn(move || {
+                writer_loop(db, rx);
+                alive.store(false, Ordering::SeqCst);
+            })
+            .map_err(|e| StoreError::Embedded(redb::Error::Io(e)))?;
+        Ok(EmbeddedStore {
+            shards,
+            writer: Mutex::new(tx),
+            writer_alive,
+        })
+    }
+
+    pub fn ready(&self) -> bool {
+        self.writer_alive.load(Ordering::SeqCst)
+    }
+
+    fn slot(&self, name: &LeaseName, create: bool) -> Option<Slot> {
+        let mut shard = self.shards[shard_of(name)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = shard.get(name) {
+            return Some(s.clone());
+        }
+        if !create {
+            return None;
+        }
+        let s: Slot = Arc::default();
+        shard.insert(name.clone(), s.clone());
+        Some(s)
+    }
+
+    pub async fn apply(&self, req: &Request, now: Instant) -> Result<Applied, StoreError> {
+        let name = req.name();
+        let Some(slot) = self.slot(name, !matches!(req, Request::Read(_))) else {
+            // A read of a lease never seen: nothing to lock or create.
+            let d = decide(&LeaseRecord::default(), req, now);
+            return Ok(Applied {
+                response: d.response,
+                effect: d.effect,
+                previous_holder: None,
+                holder: None,
+                epoch: d.record.epoch,
+            });
+        };
+        let mut rec = slot.lock().await;
+        let previous_holder = rec.live_holder(now).cloned();
+        let d = decide(&rec, req, now);
+        if d.persist {
+            self.persist(name, &d.record.persisted()).await?;
+        }
+        let applied = Applied {
+            response: d.response,
+            effect: d.effect,
+            previous_holder,
+            holder: d.record.holder.clone(),
+            epoch: d.record.epoch,
+        };
+        if d.effect != Effect::None {
+            *rec = d.record;
+        }
+        Ok(applied)
+    }
+
+    async fn persist(&self, name: &LeaseName, p: &PersistedLease) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(p).map_err(|e| StoreError::Corrupt {
+            key: name.to_string(),
+            reason: e.to_string(),
+        })?;
+        let (done, wait) = oneshot::channel();
+        let op = WriteOp {
+            key: name.as_str().to_string(),
+            value,
+            done,
+        };
+        self.writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(op)
+            .map_err(|_| StoreError::WriterStopped)?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(msg)) => Err(StoreError::Embedded(redb::Error::Io(
+                std::io::Error::other(msg),
+            ))),
+            Err(_) => Err(StoreError::WriterStopped),
+        }
+    }
+
+    pub async fn snapshot(&self, now: Instant) -> Vec<LeaseView> {
+        let mut slots = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            slots.extend(shard.iter().map(|(n, s)| (n.clone(), s.clone())));
+        }
+        let mut out = Vec::with_capacity(slots.len());
+        for (name, slot) in slots {
+            let rec = slot.lock().await;
+            if rec.max_epoch.0 > 0 || rec.meta.is_some() {
+                out.push(rec.view(&name, now));
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+/// Commits pending writes in batches; one fsync acknowledges the whole batch.
+fn writer_loop(db: Database, rx: mpsc::Receiver<WriteOp>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let result = commit(&db, &batch).map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, writes = batch.len(), "embedded store commit failed; grants refused");
+        }
+        for op in batch {
+            let _ = op.done.send(result.clone());
+        }
+    }
+}
+
+fn commit(db: &Database, batch: &[WriteOp]) -> Result<(), redb::Error> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    {
+        let mut table = txn.open_table(LEASES)?;
+        for op in batch {
+            table.insert(op.key.as_str(), op.value.as_slice())?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use continuum_shared::lease::{Acquire, Epoch, HolderId, Response};
+    use std::time::Duration;
+
+    fn acq(holder: &str, epoch: u64) -> Request {
+        Request::Acquire(Acquire {
+            name: LeaseName::new("db").unwrap(),
+            holder: HolderId::new(holder).unwrap(),
+            epoch: Epoch(epoch),
+            ttl_ms: 60_000,
+        })
+    }
+
+    #[tokio::test]
+    async fn grants_survive_reopen_and_the_restart_rule_holds_them() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = EmbeddedStore::open(dir.path(), true).unwrap();
+            let a = s.apply(&acq("eu-1", 4), Instant::now()).await.unwrap();
+            assert_eq!(
+                a.response,
+                Response::Granted {
+                    epoch: Epoch(4),
+                    ttl_ms: 60_000
+                }
+            );
+        }
+        // The writer thread holds the database until its channel closes.
+        std::thread::sleep(Duration::from_millis(100));
+        let s = EmbeddedStore::open(dir.path(), true).unwrap();
+        let a = s.apply(&acq("us-1", 5), Instant::now()).await.unwrap();
+        assert!(
+            matches!(
+                a.response,
+                Response::Held {
+                    epoch: Epoch(4),
+                    ..
+                }
+            ),
+            "{:?}",
+            a.response
+        );
+        let a = s
+            .apply(&acq("us-1", 4), Instant::now() + Duration::from_secs(61))
+            .await
+            .unwrap();
+        assert_eq!(
+            a.response,
+            Response::EpochTooLow {
+                max_epoch: Epoch(4)
+            }
+        );
+    }
+}
