@@ -39,7 +39,7 @@ use std::time::Duration;
 use hickory_resolver::config::ResolveHosts;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use hickory_resolver::TokioResolver;
 
 use crate::lease::{Epoch, HolderId, LeaseName};
@@ -62,6 +62,8 @@ pub enum DnsError {
     NoServers,
     #[error("invalid TXT record: {0}")]
     InvalidTxt(String),
+    #[error("cannot set up the DNS resolver: {0}")]
+    Resolver(String),
 }
 
 impl DnsError {
@@ -71,6 +73,7 @@ impl DnsError {
             DnsError::InvalidZone { .. } => "invalid_zone",
             DnsError::NoServers => "no_servers",
             DnsError::InvalidTxt(_) => "invalid_txt",
+            DnsError::Resolver(_) => "resolver",
         }
     }
 }
@@ -359,8 +362,8 @@ impl DnsReader {
         let zone = Zone::new(zone)?;
         let servers = servers
             .iter()
-            .map(|addr| (*addr, resolver_for(*addr, timeout)))
-            .collect();
+            .map(|addr| Ok((*addr, resolver_for(*addr, timeout)?)))
+            .collect::<Result<_, DnsError>>()?;
         Ok(DnsReader {
             zone,
             servers,
@@ -375,10 +378,31 @@ impl DnsReader {
     /// Asks every server at once and reports their answers and majority.
     pub async fn read(&self, lease: &LeaseName) -> DnsReport {
         let record = self.zone.record_name(lease);
+        // `from_ascii`, not `from_str`: IDNA processing refuses the `_` our
+        // escapes use, which DNS itself allows.
+        let qname = match Name::from_ascii(&record) {
+            Ok(n) => n,
+            Err(e) => {
+                let answers: Vec<(SocketAddr, ServerAnswer)> = self
+                    .servers
+                    .iter()
+                    .map(|(a, _)| {
+                        (
+                            *a,
+                            ServerAnswer::Unreachable(format!("record name {record}: {e}")),
+                        )
+                    })
+                    .collect();
+                return DnsReport {
+                    answers,
+                    majority: None,
+                };
+            }
+        };
         let mut tasks = tokio::task::JoinSet::new();
         for (i, (addr, resolver)) in self.servers.iter().enumerate() {
             let resolver = resolver.clone();
-            let record = record.clone();
+            let record = qname.clone();
             let timeout = self.timeout;
             let addr = *addr;
             tasks.spawn(async move { (i, ask(&resolver, addr, &record, timeout).await) });
@@ -408,7 +432,7 @@ impl DnsReader {
     }
 }
 
-fn resolver_for(addr: SocketAddr, timeout: Duration) -> TokioResolver {
+fn resolver_for(addr: SocketAddr, timeout: Duration) -> Result<TokioResolver, DnsError> {
     let mut conn = ConnectionConfig::udp();
     conn.port = addr.port();
     let ns = NameServerConfig::new(addr.ip(), true, vec![conn]);
@@ -426,26 +450,20 @@ fn resolver_for(addr: SocketAddr, timeout: Duration) -> TokioResolver {
     TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
         .with_options(opts)
         .build()
-        .unwrap_or_else(|_| unreachable_resolver())
-}
-
-// `build` fails only on DNSSEC/TLS settings we never set; keep a total
-// function anyway rather than panic.
-fn unreachable_resolver() -> TokioResolver {
-    let config = ResolverConfig::from_parts(None, vec![], vec![]);
-    match TokioResolver::builder_with_config(config, TokioRuntimeProvider::default()).build() {
-        Ok(r) => r,
-        Err(_) => unreachable_resolver(),
-    }
+        .map_err(|e| DnsError::Resolver(format!("{addr}: {e}")))
 }
 
 async fn ask(
     resolver: &TokioResolver,
     addr: SocketAddr,
-    record: &str,
+    record: &Name,
     timeout: Duration,
 ) -> ServerAnswer {
-    let lookup = tokio::time::timeout(timeout * 2, resolver.lookup(record, RecordType::TXT)).await;
+    let lookup = tokio::time::timeout(
+        timeout * 2,
+        resolver.lookup(record.clone(), RecordType::TXT),
+    )
+    .await;
     let lookup = match lookup {
         Err(_) => return ServerAnswer::Unreachable(format!("{addr}: timed out")),
         Ok(Err(e)) if e.is_no_records_found() => return ServerAnswer::Absent,
