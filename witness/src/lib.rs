@@ -8,6 +8,7 @@
 
 pub mod arbiter;
 pub mod config;
+pub mod dns_publish;
 pub mod health;
 pub mod https;
 pub mod metrics;
