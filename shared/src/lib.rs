@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod dns;
+pub mod health;
 pub mod lease;
+pub mod link;
 pub mod quorum;
 pub mod transport;

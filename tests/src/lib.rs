@@ -11,3 +11,4 @@ pub mod etcd_proc;
 pub mod pdns_proc;
 pub mod pki;
 pub mod witness_proc;
+pub mod wg_proc;
