@@ -86,6 +86,9 @@ pub struct ServeArgs {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// DNS publication of lease holders to PowerDNS (`--pdns-*`).
+    #[command(flatten)]
+    pub dns: crate::dns_publish::DnsArgs,
 }
 
 /// Name of the test-only switch that disables the restart rule.

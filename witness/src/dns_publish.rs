@@ -69,6 +69,88 @@ impl PublisherConfig {
     }
 }
 
+/// `continuum-witness serve` flags of DNS publication (off unless
+/// `--pdns-api-url` is given).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DnsArgs {
+    /// Base URL of a PowerDNS HTTP API (e.g. http://127.0.0.1:8081), one per
+    /// independent authoritative server; repeat the flag or separate with
+    /// commas. Each lease's holder and epoch is published as a TXT record.
+    /// DNS publication is off when none is given.
+    #[arg(
+        long = "pdns-api-url",
+        env = "CONTINUUM_WITNESS_PDNS_API_URL",
+        value_delimiter = ','
+    )]
+    pub pdns_api_urls: Vec<String>,
+    /// PowerDNS API key (sent as X-API-Key to every server).
+    #[arg(long, env = "CONTINUUM_WITNESS_PDNS_API_KEY", hide_env_values = true)]
+    pub pdns_api_key: Option<String>,
+    /// DNS zone the lease records go into (it must exist on every server);
+    /// `continuum/db/app` is published as `app.db.continuum.<zone>`.
+    #[arg(long, env = "CONTINUUM_WITNESS_PDNS_ZONE")]
+    pub pdns_zone: Option<String>,
+    /// PowerDNS server id in the API path (/api/v1/servers/<id>/...).
+    #[arg(
+        long,
+        env = "CONTINUUM_WITNESS_PDNS_SERVER_ID",
+        default_value = "localhost"
+    )]
+    pub pdns_server_id: String,
+}
+
+impl DnsArgs {
+    /// The publisher configuration, `None` when publication is off.
+    pub fn config(&self) -> Result<Option<PublisherConfig>, PublishError> {
+        if self.pdns_api_urls.is_empty() {
+            if self.pdns_api_key.is_some() || self.pdns_zone.is_some() {
+                return Err(PublishError::Config(
+                    "--pdns-api-key/--pdns-zone given without --pdns-api-url".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        let key = self
+            .pdns_api_key
+            .clone()
+            .ok_or_else(|| PublishError::Config("--pdns-api-url needs --pdns-api-key".into()))?;
+        let zone = self
+            .pdns_zone
+            .clone()
+            .ok_or_else(|| PublishError::Config("--pdns-api-url needs --pdns-zone".into()))?;
+        let mut cfg = PublisherConfig::new(self.pdns_api_urls.clone(), key, zone);
+        cfg.server_id = self.pdns_server_id.clone();
+        Ok(Some(cfg))
+    }
+}
+
+/// How often the witness's full lease list is re-read for publication
+/// (expiry is not a change event).
+pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
+
+/// Attaches DNS publication to `witness` when configured: the publisher
+/// receives every grant and release, plus a snapshot every
+/// [`SNAPSHOT_EVERY`]. Keep the returned publisher alive while serving.
+pub fn attach(
+    args: &DnsArgs,
+    witness: crate::service::Witness,
+) -> Result<(Arc<crate::service::Witness>, Option<DnsPublisher>), PublishError> {
+    let Some(cfg) = args.config()? else {
+        return Ok((Arc::new(witness), None));
+    };
+    let publisher = DnsPublisher::start(cfg, witness.metrics().registry())?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let witness = Arc::new(witness.with_change_sink(tx));
+    let task = publisher.follow(witness.clone(), rx, SNAPSHOT_EVERY);
+    Ok((
+        witness,
+        Some(DnsPublisher {
+            _follow: Some(Arc::new(Tasks(vec![task]))),
+            ..publisher
+        }),
+    ))
+}
+
 /// Why publication could not start, or one PATCH failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
@@ -197,6 +279,8 @@ impl Drop for Tasks {
 pub struct DnsPublisher {
     shared: Arc<Shared>,
     _tasks: Arc<Tasks>,
+    /// The task following the witness's changes, when attached.
+    _follow: Option<Arc<Tasks>>,
 }
 
 impl DnsPublisher {
@@ -270,6 +354,7 @@ impl DnsPublisher {
         Ok(DnsPublisher {
             shared,
             _tasks: Arc::new(Tasks(tasks)),
+            _follow: None,
         })
     }
 
@@ -554,6 +639,53 @@ mod tests {
             "key".into(),
             "lease.test".into(),
         )
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        dns: DnsArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Option<PublisherConfig>, String> {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(std::iter::once("witness").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cli.dns.config().map_err(|e| e.label().to_string())
+    }
+
+    #[test]
+    fn flags_turn_publication_on_and_need_key_and_zone() {
+        assert!(matches!(parse(&[]), Ok(None)));
+        let cfg = parse(&[
+            "--pdns-api-url",
+            "http://127.0.0.1:1",
+            "--pdns-api-url=http://127.0.0.1:2,http://127.0.0.1:3",
+            "--pdns-api-key",
+            "k",
+            "--pdns-zone",
+            "lease.test",
+        ])
+        .expect("valid")
+        .expect("on");
+        assert_eq!(
+            cfg.api_urls,
+            [
+                "http://127.0.0.1:1",
+                "http://127.0.0.1:2",
+                "http://127.0.0.1:3"
+            ]
+        );
+        assert_eq!(cfg.server_id, "localhost");
+        assert_eq!(
+            parse(&["--pdns-api-url", "http://x", "--pdns-zone", "z"]).err(),
+            Some("config".into())
+        );
+        assert_eq!(
+            parse(&["--pdns-api-url", "http://x", "--pdns-api-key", "k"]).err(),
+            Some("config".into())
+        );
+        assert_eq!(parse(&["--pdns-zone", "z"]).err(), Some("config".into()));
     }
 
     #[test]

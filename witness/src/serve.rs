@@ -45,7 +45,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let witness = Witness::new(store, metrics);
     // Observers of holder/epoch changes (DNS publication) attach here with
     // `witness.with_change_sink(..)` and spawn their task.
-    let witness = Arc::new(witness);
+    let (witness, _dns_publisher) = crate::dns_publish::attach(&args.dns, witness)
+        .context("bad DNS publication settings (--pdns-*)")?;
     let api = TcpListener::bind(args.api_listen)
         .await
         .with_context(|| format!("cannot listen on --api-listen {}", args.api_listen))?;
