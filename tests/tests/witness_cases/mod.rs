@@ -202,7 +202,16 @@ pub async fn bad_input(w: &WitnessProc) {
             "POST-other" => ("POST", "/v1/other"),
             m => (m, "/v1/lease"),
         };
-        let (status, body) = c.raw(method, path, ct, body).await.unwrap();
+        let (status, body) = match c.raw(method, path, ct, body).await {
+            Ok(r) => r,
+            // The witness answers 413 from Content-Length and closes without
+            // reading a huge body; the client may see the close first.
+            Err(e) if what == "one MiB" => {
+                assert_eq!(view(&c, lease).await, before, "{what}: state changed ({e})");
+                continue;
+            }
+            Err(e) => panic!("{what}: {e:#}"),
+        };
         let resp = Response::decode(&body).unwrap_or_else(|e| {
             panic!(
                 "{what}: body is not a Response ({e}): {:?}",
