@@ -11,3 +11,6 @@ pub mod lease;
 pub mod link;
 pub mod quorum;
 pub mod transport;
+/// Direct PostgreSQL fencing and promotion back-end (feature `pg`).
+#[cfg(feature = "pg")]
+pub mod pg;

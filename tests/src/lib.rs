@@ -9,6 +9,7 @@ pub mod bench;
 pub mod checker;
 pub mod etcd_proc;
 pub mod pdns_proc;
+pub mod pg_proc;
 pub mod pki;
 pub mod witness_proc;
 pub mod wg_proc;

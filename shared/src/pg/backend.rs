@@ -1,0 +1,444 @@
+//! The I/O half of the PostgreSQL back-end: each operation opens its own
+//! short-lived superuser connection (a fence must not depend on a pooled
+//! session that may be stuck), runs, and reports what it did and how long
+//! it took.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+use super::decide::{self, CatchUp, ReplicationRow, StandbyStatus, SyncStandby};
+use super::{Lsn, PgError};
+
+/// Bound for opening a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Open a connection and drive it on a background task.
+pub async fn connect(conninfo: &str) -> Result<Client, PgError> {
+    let fut = tokio_postgres::connect(conninfo, NoTls);
+    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, fut)
+        .await
+        .map_err(|_| PgError::ConnectTimeout(CONNECT_TIMEOUT))?
+        .map_err(PgError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres connection ended");
+        }
+    });
+    Ok(client)
+}
+
+fn q(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
+    move |source| PgError::Query { what, source }
+}
+
+fn lsn_opt(text: Option<String>) -> Result<Option<Lsn>, PgError> {
+    text.map(|t| t.parse()).transpose()
+}
+
+/// How long each phase of a fence took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FenceReport {
+    /// Connect to fence returning.
+    pub total: Duration,
+    pub connect: Duration,
+    /// ALTER SYSTEM + pg_reload_conf.
+    pub configure: Duration,
+    /// Until this session and every walsender run with the fence settings.
+    pub reload_confirm: Duration,
+    /// Terminating (and waiting for) client backends.
+    pub terminate: Duration,
+    /// Whether the reload was seen to apply within its bound.
+    pub reload_confirmed: bool,
+    /// Client backends terminated.
+    pub terminated: u64,
+}
+
+/// Bound on waiting for a configuration reload to reach all processes.
+const RELOAD_BOUND: Duration = Duration::from_secs(2);
+/// Per-backend wait for termination, in milliseconds (pg_terminate_backend).
+const TERMINATE_WAIT_MS: i64 = 2000;
+
+async fn alter_system(
+    client: &Client,
+    settings: &[(&str, String)],
+    reset: &[&str],
+) -> Result<(), PgError> {
+    // ALTER SYSTEM cannot run in a transaction block, so one statement per
+    // call. It writes postgresql.auto.conf, not WAL: it works without a standby.
+    for (name, value) in settings {
+        let escaped = value.replace('\'', "''");
+        client
+            .batch_execute(&format!("ALTER SYSTEM SET {name} = '{escaped}'"))
+            .await
+            .map_err(q("alter system"))?;
+    }
+    for name in reset {
+        client
+            .batch_execute(&format!("ALTER SYSTEM RESET {name}"))
+            .await
+            .map_err(q("alter system reset"))?;
+    }
+    client
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .map_err(q("pg_reload_conf"))
+}
+
+/// Wait until this session sees `synchronous_standby_names = want` (the
+/// postmaster reloads before it signals its children, so later backends start
+/// with it too) and, if `no_sync_left`, no walsender still counts as
+/// synchronous.
+async fn confirm_reload(client: &Client, want: &str, no_sync_left: bool) -> Result<bool, PgError> {
+    let start = Instant::now();
+    loop {
+        let row = client
+            .query_one(
+                "SELECT current_setting('synchronous_standby_names'), \
+                 (SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync','quorum','potential'))",
+                &[],
+            )
+            .await
+            .map_err(q("confirm reload"))?;
+        let names: String = row.get(0);
+        let sync_left: i64 = row.get(1);
+        if names == want && (!no_sync_left || sync_left == 0) {
+            return Ok(true);
+        }
+        if start.elapsed() > RELOAD_BOUND {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Stop the server acknowledging writes, at once. Idempotent. Works while the
+/// synchronous standby is gone. After it returns, no commit is acknowledged
+/// to any client (see the module documentation for the three levels).
+/// Walsenders stay up so a standby keeps receiving WAL until it promotes.
+pub async fn fence(conninfo: &str) -> Result<FenceReport, PgError> {
+    let t0 = Instant::now();
+    let client = connect(conninfo).await?;
+    let connect_d = t0.elapsed();
+
+    let t1 = Instant::now();
+    let settings = decide::fence_settings();
+    alter_system(&client, &settings, &[]).await?;
+    let configure = t1.elapsed();
+
+    let t2 = Instant::now();
+    let reload_confirmed = confirm_reload(&client, &decide::fenced_standby_names(), true).await?;
+    let reload_confirm = t2.elapsed();
+
+    let t3 = Instant::now();
+    let mut terminated = 0u64;
+    // Two passes: a backend the first pass failed to end within its wait is
+    // tried again; new backends already start fenced.
+    for _ in 0..2 {
+        let rows = client
+            .query(
+                "SELECT pid, pg_terminate_backend(pid, $1) FROM pg_stat_activity \
+                 WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                &[&TERMINATE_WAIT_MS],
+            )
+            .await
+            .map_err(q("terminate backends"))?;
+        let ended = rows.iter().filter(|r| r.get::<_, bool>(1)).count() as u64;
+        terminated += ended;
+        if ended as usize == rows.len() {
+            break;
+        }
+    }
+    let terminate = t3.elapsed();
+    let report = FenceReport {
+        total: t0.elapsed(),
+        connect: connect_d,
+        configure,
+        reload_confirm,
+        terminate,
+        reload_confirmed,
+        terminated,
+    };
+    tracing::info!(
+        action = "fence",
+        reason = "lease lost or former primary",
+        total_ms = report.total.as_secs_f64() * 1e3,
+        terminated = report.terminated,
+        reload_confirmed = report.reload_confirmed,
+        "database fenced"
+    );
+    Ok(report)
+}
+
+/// Lift the fence (planned switchback), naming the synchronous standby to
+/// require from now on (None: asynchronous; record that at the witness
+/// first, invariant 3).
+pub async fn unfence(conninfo: &str, sync_standby: Option<&str>) -> Result<(), PgError> {
+    let client = connect(conninfo).await?;
+    let names = decide::synchronous_standby_names(sync_standby);
+    alter_system(
+        &client,
+        &[("synchronous_standby_names", names.clone())],
+        &["default_transaction_read_only"],
+    )
+    .await?;
+    if !confirm_reload(&client, &names, false).await? {
+        return Err(PgError::Timeout {
+            what: "unfence reload",
+            after: RELOAD_BOUND,
+        });
+    }
+    tracing::info!(action = "unfence", reason = "planned switchback", sync_standby = ?sync_standby, "database unfenced");
+    Ok(())
+}
+
+/// Set the required synchronous standby (None: asynchronous). Weakening
+/// durability must be recorded at the witness before this call (invariant 3).
+pub async fn set_synchronous_standby(conninfo: &str, standby: Option<&str>) -> Result<(), PgError> {
+    let client = connect(conninfo).await?;
+    let names = decide::synchronous_standby_names(standby);
+    alter_system(
+        &client,
+        &[("synchronous_standby_names", names.clone())],
+        &[],
+    )
+    .await?;
+    if !confirm_reload(&client, &names, false).await? {
+        return Err(PgError::Timeout {
+            what: "synchronous_standby_names reload",
+            after: RELOAD_BOUND,
+        });
+    }
+    tracing::info!(action = "set_synchronous_standby", reason = "durability change", standby = ?standby, "synchronous standby set");
+    Ok(())
+}
+
+/// Whether live settings show the fence in place.
+pub async fn is_fenced(conninfo: &str) -> Result<bool, PgError> {
+    let client = connect(conninfo).await?;
+    let row = client
+        .query_one(
+            "SELECT current_setting('synchronous_standby_names'), current_setting('default_transaction_read_only')",
+            &[],
+        )
+        .await
+        .map_err(q("read fence settings"))?;
+    Ok(decide::is_fenced(row.get(0), row.get(1)))
+}
+
+async fn standby_status_on(client: &Client) -> Result<StandbyStatus, PgError> {
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text",
+            &[],
+        )
+        .await
+        .map_err(q("standby status"))?;
+    Ok(StandbyStatus {
+        in_recovery: row.get(0),
+        received: lsn_opt(row.get(1))?,
+        replayed: lsn_opt(row.get(2))?,
+    })
+}
+
+/// A standby's received and replayed positions and its catch-up verdict.
+pub async fn standby_status(conninfo: &str) -> Result<(StandbyStatus, CatchUp), PgError> {
+    let client = connect(conninfo).await?;
+    let status = standby_status_on(&client).await?;
+    let verdict = decide::catch_up(&status);
+    Ok((status, verdict))
+}
+
+/// Bounds for a promotion.
+#[derive(Debug, Clone, Copy)]
+pub struct PromoteOptions {
+    /// Longest wait for replay to reach the received position.
+    pub catch_up_timeout: Duration,
+    /// Pause between catch-up polls.
+    pub poll_interval: Duration,
+    /// pg_promote's own wait, seconds.
+    pub promote_wait_secs: i32,
+}
+
+impl Default for PromoteOptions {
+    fn default() -> Self {
+        PromoteOptions {
+            catch_up_timeout: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(5),
+            promote_wait_secs: 30,
+        }
+    }
+}
+
+/// What a promotion did (invariant 4: the LSN it promoted at).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromotionReport {
+    /// The server was already out of recovery: nothing was done.
+    pub already_primary: bool,
+    /// Replayed (= received) position when promotion was requested.
+    pub lsn_at_promotion: Option<Lsn>,
+    /// Received position at that moment (None: nothing streamed since start).
+    pub received_at_promotion: Option<Lsn>,
+    /// First WAL insert position as primary.
+    pub primary_lsn_after: Option<Lsn>,
+    pub catch_up_wait: Duration,
+    pub catch_up_polls: u32,
+    pub promote: Duration,
+    pub total: Duration,
+}
+
+/// Promote a standby: wait (bounded, tight polling) until it has replayed
+/// all WAL it received, then pg_promote(wait => true). Idempotent: a server
+/// already out of recovery is reported as such, not promoted again.
+pub async fn promote(conninfo: &str, opts: PromoteOptions) -> Result<PromotionReport, PgError> {
+    let t0 = Instant::now();
+    let client = connect(conninfo).await?;
+    let wait_start = Instant::now();
+    let mut polls = 0u32;
+    let status = loop {
+        let status = standby_status_on(&client).await?;
+        polls += 1;
+        match decide::catch_up(&status) {
+            CatchUp::NotStandby => {
+                tracing::info!(
+                    action = "promote",
+                    reason = "already out of recovery",
+                    "nothing to promote"
+                );
+                return Ok(PromotionReport {
+                    already_primary: true,
+                    lsn_at_promotion: None,
+                    received_at_promotion: None,
+                    primary_lsn_after: None,
+                    catch_up_wait: wait_start.elapsed(),
+                    catch_up_polls: polls,
+                    promote: Duration::ZERO,
+                    total: t0.elapsed(),
+                });
+            }
+            CatchUp::CaughtUp { .. } => break status,
+            CatchUp::Behind { .. } | CatchUp::Unknown => {
+                if wait_start.elapsed() >= opts.catch_up_timeout {
+                    let show =
+                        |l: Option<Lsn>| l.map_or_else(|| "none".to_string(), |l| l.to_string());
+                    return Err(PgError::NotCaughtUp {
+                        waited: wait_start.elapsed(),
+                        received: show(status.received),
+                        replayed: show(status.replayed),
+                    });
+                }
+                tokio::time::sleep(opts.poll_interval).await;
+            }
+        }
+    };
+    let catch_up_wait = wait_start.elapsed();
+
+    let t1 = Instant::now();
+    let promoted: bool = client
+        .query_one("SELECT pg_promote(true, $1)", &[&opts.promote_wait_secs])
+        .await
+        .map_err(q("pg_promote"))?
+        .get(0);
+    if !promoted {
+        return Err(PgError::PromoteFailed(opts.promote_wait_secs));
+    }
+    let promote_d = t1.elapsed();
+    let after: Option<String> = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(q("current lsn after promotion"))?
+        .get(0);
+    let report = PromotionReport {
+        already_primary: false,
+        lsn_at_promotion: status.replayed,
+        received_at_promotion: status.received,
+        primary_lsn_after: lsn_opt(after)?,
+        catch_up_wait,
+        catch_up_polls: polls,
+        promote: promote_d,
+        total: t0.elapsed(),
+    };
+    tracing::info!(
+        action = "promote",
+        reason = "standby caught up",
+        lsn = %report.lsn_at_promotion.map(|l| l.to_string()).unwrap_or_default(),
+        catch_up_ms = report.catch_up_wait.as_secs_f64() * 1e3,
+        promote_ms = report.promote.as_secs_f64() * 1e3,
+        "standby promoted"
+    );
+    Ok(report)
+}
+
+/// Primary-side facts the agent records at the witness (invariant 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrimaryFacts {
+    pub in_recovery: bool,
+    pub current_lsn: Option<Lsn>,
+    pub synchronous_commit: String,
+    pub synchronous_standby_names: String,
+    /// remote_apply with a non-empty standby list.
+    pub strict: bool,
+    pub fenced: bool,
+    /// Standbys that are synchronous right now.
+    pub sync_standbys: Vec<SyncStandby>,
+}
+
+impl PrimaryFacts {
+    /// The one synchronous standby, if exactly one is.
+    pub fn sync_standby(&self) -> Option<&SyncStandby> {
+        match self.sync_standbys.as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+
+    /// LSN every synchronous standby has applied (what is safe to promote to).
+    pub fn confirmed_lsn(&self) -> Option<Lsn> {
+        self.sync_standbys.iter().map(|s| s.replay).min().flatten()
+    }
+}
+
+/// Read which standby is synchronous and what it confirmed.
+pub async fn primary_facts(conninfo: &str) -> Result<PrimaryFacts, PgError> {
+    let client = connect(conninfo).await?;
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), \
+             CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END, \
+             current_setting('synchronous_commit'), current_setting('synchronous_standby_names'), \
+             current_setting('default_transaction_read_only')",
+            &[],
+        )
+        .await
+        .map_err(q("primary settings"))?;
+    let rows = client
+        .query(
+            "SELECT coalesce(application_name, ''), coalesce(state, ''), coalesce(sync_state, ''), \
+             flush_lsn::text, replay_lsn::text FROM pg_stat_replication",
+            &[],
+        )
+        .await
+        .map_err(q("pg_stat_replication"))?;
+    let mut repl = Vec::with_capacity(rows.len());
+    for r in &rows {
+        repl.push(ReplicationRow {
+            application_name: r.get(0),
+            state: r.get(1),
+            sync_state: r.get(2),
+            flush: lsn_opt(r.get(3))?,
+            replay: lsn_opt(r.get(4))?,
+        });
+    }
+    let synchronous_commit: String = row.get(2);
+    let names: String = row.get(3);
+    let read_only: String = row.get(4);
+    Ok(PrimaryFacts {
+        in_recovery: row.get(0),
+        current_lsn: lsn_opt(row.get(1))?,
+        strict: decide::strict_sync(&synchronous_commit, &names),
+        fenced: decide::is_fenced(&names, &read_only),
+        synchronous_commit,
+        synchronous_standby_names: names,
+        sync_standbys: decide::sync_standbys(&repl),
+    })
+}

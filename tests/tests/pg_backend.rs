@@ -1,0 +1,376 @@
+//! The direct-PostgreSQL failover back-end against real PostgreSQL: strict
+//! synchronous replication, fencing under a live writer, region kill and
+//! promotion with zero lost acknowledged writes, and a former primary that
+//! never acknowledges a write again (invariants 2, 4, 5).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use continuum_shared::pg::backend::{self, PromoteOptions};
+use continuum_shared::pg::decide::CatchUp;
+use continuum_tests::pg_proc::PgRegion;
+
+const OP_BOUND: Duration = Duration::from_secs(1);
+
+fn pair(a: &str, b: &str) -> (PgRegion, PgRegion) {
+    let primary = PgRegion::primary(a, b).expect("primary");
+    let standby = PgRegion::standby_of(&primary, b).expect("standby");
+    (primary, standby)
+}
+
+async fn create_table(primary: &PgRegion) {
+    let c = primary.connect().await.unwrap();
+    // Blocks until the standby applied it: remote_apply.
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        c.batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)"),
+    )
+    .await
+    .expect("create table acknowledged by the standby")
+    .unwrap();
+}
+
+async fn ids_on(region: &PgRegion) -> BTreeSet<i64> {
+    let c = region.connect().await.unwrap();
+    c.query("SELECT id FROM acked", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// One acknowledged insert: its id and when the attempt started and returned.
+#[derive(Debug, Clone, Copy)]
+struct Ack {
+    id: i64,
+    started: Instant,
+}
+
+#[derive(Default)]
+struct Log {
+    acks: Vec<Ack>,
+    failures: u64,
+}
+
+/// Commits inserts in a loop, one new id per attempt, reconnecting after
+/// errors, recording every acknowledged id. `read_write` makes each session
+/// override the read-only default (a client that ignores the fence's second
+/// level, to test the first).
+fn spawn_writer(
+    conninfo: String,
+    first_id: i64,
+    read_write: bool,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Log>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut id = first_id;
+        let mut client: Option<tokio_postgres::Client> = None;
+        while !stop.load(Ordering::SeqCst) {
+            if client.is_none() {
+                match tokio::time::timeout(OP_BOUND, backend::connect(&conninfo)).await {
+                    Ok(Ok(c)) => {
+                        if read_write
+                            && c.batch_execute("SET default_transaction_read_only = off")
+                                .await
+                                .is_err()
+                        {
+                            continue;
+                        }
+                        client = Some(c);
+                    }
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = client.as_ref() else { continue };
+            id += 1;
+            let started = Instant::now();
+            let res = tokio::time::timeout(
+                OP_BOUND,
+                c.execute("INSERT INTO acked (id) VALUES ($1)", &[&id]),
+            )
+            .await;
+            match res {
+                Ok(Ok(1)) => log.lock().unwrap().acks.push(Ack { id, started }),
+                Ok(Ok(_)) => panic!("insert touched an unexpected number of rows"),
+                Ok(Err(_)) | Err(_) => {
+                    log.lock().unwrap().failures += 1;
+                    // Timed-out or failed: this session is done (its commit, if
+                    // any, was never acknowledged).
+                    client = None;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_apply_is_strict_commit_waits_for_the_standby() {
+    let (primary, mut standby) = pair("strict-a", "strict-b");
+    create_table(&primary).await;
+    let facts = backend::primary_facts(&primary.conninfo()).await.unwrap();
+    assert!(facts.strict, "{facts:?}");
+    assert_eq!(
+        facts.sync_standby().map(|s| s.application_name.as_str()),
+        Some("strict-b")
+    );
+    assert!(facts.confirmed_lsn().is_some());
+
+    tokio::task::block_in_place(|| standby.kill9()).unwrap();
+    let acked = Arc::new(AtomicBool::new(false));
+    let c = primary.connect().await.unwrap();
+    let flag = acked.clone();
+    let commit = tokio::spawn(async move {
+        let r = c.execute("INSERT INTO acked (id) VALUES (42)", &[]).await;
+        flag.store(true, Ordering::SeqCst);
+        r
+    });
+    // With the standby gone, the commit must not be acknowledged (no async fallback).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !acked.load(Ordering::SeqCst),
+        "commit acknowledged while the synchronous standby was down"
+    );
+    let facts = backend::primary_facts(&primary.conninfo()).await.unwrap();
+    assert!(facts.sync_standby().is_none());
+
+    tokio::task::block_in_place(|| standby.start()).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(20), commit)
+        .await
+        .expect("commit completes once the standby is back")
+        .unwrap();
+    assert_eq!(r.unwrap(), 1);
+    // remote_apply: acknowledged means already visible on the standby.
+    assert!(ids_on(&standby).await.contains(&42));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_stops_acknowledgements_and_every_ack_is_on_the_standby() {
+    let (primary, standby) = pair("fence-a", "fence-b");
+    create_table(&primary).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Log::default()));
+    let rogue_log = Arc::new(Mutex::new(Log::default()));
+    let w1 = spawn_writer(primary.conninfo(), 0, false, stop.clone(), log.clone());
+    let w2 = spawn_writer(
+        primary.conninfo(),
+        1_000_000_000,
+        true,
+        stop.clone(),
+        rogue_log.clone(),
+    );
+    // Let both commit for a while.
+    let t = Instant::now();
+    while (log.lock().unwrap().acks.len() < 20 || rogue_log.lock().unwrap().acks.len() < 20)
+        && t.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let report = backend::fence(&primary.conninfo()).await.unwrap();
+    let fenced_at = Instant::now();
+    eprintln!("fence report: {report:?}");
+    // Writers keep trying for longer than one operation bound.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stop.store(true, Ordering::SeqCst);
+    w1.await.unwrap();
+    w2.await.unwrap();
+
+    let on_standby = ids_on(&standby).await;
+    for (who, log) in [("writer", &log), ("read-write writer", &rogue_log)] {
+        let log = log.lock().unwrap();
+        assert!(log.acks.len() >= 20, "{who} committed before the fence");
+        let after: Vec<_> = log.acks.iter().filter(|a| a.started > fenced_at).collect();
+        assert!(
+            after.is_empty(),
+            "{who}: acknowledged after fence returned: {after:?}"
+        );
+        let lost: Vec<_> = log
+            .acks
+            .iter()
+            .filter(|a| !on_standby.contains(&a.id))
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "{who}: acknowledged but not on the standby: {lost:?}"
+        );
+        assert!(log.failures > 0, "{who} kept trying after the fence");
+    }
+    assert!(backend::is_fenced(&primary.conninfo()).await.unwrap());
+    let facts = backend::primary_facts(&primary.conninfo()).await.unwrap();
+    assert!(facts.fenced && facts.sync_standby().is_none(), "{facts:?}");
+
+    // New session with defaults: refused outright.
+    let c = primary.connect().await.unwrap();
+    let err = c
+        .execute("INSERT INTO acked (id) VALUES (-1)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+    );
+
+    // Planned switchback: unfence restores acknowledged writes.
+    backend::unfence(&primary.conninfo(), Some("fence-b"))
+        .await
+        .unwrap();
+    let c = primary.connect().await.unwrap();
+    let n = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.execute("INSERT INTO acked (id) VALUES (-2)", &[]),
+    )
+    .await
+    .expect("acknowledged after unfence")
+    .unwrap();
+    assert_eq!(n, 1);
+    assert!(ids_on(&standby).await.contains(&-2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_kill_promote_loses_no_acked_write_and_old_primary_stays_fenced() {
+    let (mut primary, standby) = pair("kill-a", "kill-b");
+    create_table(&primary).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Log::default()));
+    let w = spawn_writer(primary.conninfo(), 0, false, stop.clone(), log.clone());
+    let t = Instant::now();
+    while log.lock().unwrap().acks.len() < 50 && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let killed_at = Instant::now();
+    let pids = primary.pids();
+    assert!(pids.len() > 3, "postmaster and its children: {pids:?}");
+    tokio::task::block_in_place(|| primary.kill9()).unwrap();
+    assert!(primary.pids().is_empty());
+
+    let (status, verdict) = backend::standby_status(&standby.conninfo()).await.unwrap();
+    assert!(status.in_recovery);
+    eprintln!("standby after kill: {status:?} -> {verdict:?}");
+    let report = backend::promote(&standby.conninfo(), PromoteOptions::default())
+        .await
+        .unwrap();
+    let promoted_in = killed_at.elapsed();
+    eprintln!("promotion report: {report:?}; kill to promoted: {promoted_in:?}");
+    assert!(!report.already_primary);
+    assert!(report.lsn_at_promotion.is_some());
+    stop.store(true, Ordering::SeqCst);
+    w.await.unwrap();
+
+    // Zero lost acknowledged writes.
+    let on_b = ids_on(&standby).await;
+    let acks = log.lock().unwrap().acks.clone();
+    assert!(acks.len() >= 50);
+    let lost: Vec<_> = acks
+        .iter()
+        .filter(|a| !on_b.contains(&a.id))
+        .map(|a| a.id)
+        .collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+
+    // Promoting again is a no-op.
+    let again = backend::promote(&standby.conninfo(), PromoteOptions::default())
+        .await
+        .unwrap();
+    assert!(again.already_primary);
+    let (_, verdict) = backend::standby_status(&standby.conninfo()).await.unwrap();
+    assert_eq!(verdict, CatchUp::NotStandby);
+
+    // B is strict towards A, which is gone: the controller records "no
+    // synchronous standby" at the witness, then weakens durability.
+    backend::set_synchronous_standby(&standby.conninfo(), None)
+        .await
+        .unwrap();
+    let b = standby.connect().await.unwrap();
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        b.execute("INSERT INTO acked (id) VALUES (-10)", &[]),
+    )
+    .await
+    .expect("promoted standby accepts writes")
+    .unwrap();
+    assert_eq!(n, 1);
+
+    // A comes back by itself (no agent): still configured as primary, but
+    // nobody can acknowledge its commits.
+    tokio::task::block_in_place(|| primary.start()).unwrap();
+    let a = primary.connect().await.unwrap();
+    let in_recovery: bool = a
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!in_recovery);
+    let r = tokio::time::timeout(
+        Duration::from_millis(1500),
+        a.execute("INSERT INTO acked (id) VALUES (-20)", &[]),
+    )
+    .await;
+    assert!(
+        r.is_err(),
+        "returned former primary acknowledged a write: {r:?}"
+    );
+    // The agent fences it.
+    backend::fence(&primary.conninfo()).await.unwrap();
+    let a = primary.connect().await.unwrap();
+    let err = a
+        .execute("INSERT INTO acked (id) VALUES (-21)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+    );
+
+    // Rejoin without rebuild: restarted as a fenced standby of B, it cannot write at all.
+    tokio::task::block_in_place(|| primary.follow_fenced(&standby)).unwrap();
+    let a = primary.connect().await.unwrap();
+    let in_recovery: bool = a
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_recovery, "former primary came back as primary");
+    let err = a
+        .execute("INSERT INTO acked (id) VALUES (-22)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+    );
+
+    // Rebuild with pg_rewind: A follows B again and B is strict again.
+    let rebuilt = primary.rewind_onto(&standby).await.unwrap();
+    eprintln!("rewind took {:?}", rebuilt.duration);
+    backend::set_synchronous_standby(&standby.conninfo(), Some("kill-a"))
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(
+        Duration::from_secs(20),
+        b.execute("INSERT INTO acked (id) VALUES (-30)", &[]),
+    )
+    .await
+    .expect("B's commit acknowledged by the rebuilt A")
+    .unwrap();
+    assert_eq!(n, 1);
+    let on_a = ids_on(&primary).await;
+    assert!(on_a.contains(&-30) && on_a.contains(&-10));
+    assert!(
+        !on_a.contains(&-20),
+        "A's unacknowledged local commit was rewound away"
+    );
+    let facts = backend::primary_facts(&standby.conninfo()).await.unwrap();
+    assert_eq!(
+        facts.sync_standby().map(|s| s.application_name.as_str()),
+        Some("kill-a")
+    );
+}
