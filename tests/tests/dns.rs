@@ -223,3 +223,104 @@ async fn majority_survives_a_stopped_or_stale_server_and_is_never_false() {
         "1 good answer of 3 is no majority: {report:?}"
     );
 }
+
+/// End to end: a witness process started with `--pdns-*` publishes what it
+/// grants, releases and lets expire; a restarted witness republishes
+/// everything it knows. Needs the binary: `cargo build -p continuum-witness`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn witness_publishes_grants_releases_and_expiry() {
+    use continuum_shared::lease::{Acquire, Release, Request, Response};
+    use continuum_tests::witness_proc::{WitnessOpts, WitnessProc};
+
+    let servers = three_servers();
+    let reader = reader_for(&servers);
+    let mut args: Vec<String> = servers
+        .iter()
+        .map(|s| format!("--pdns-api-url={}", s.api_url()))
+        .collect();
+    args.push(format!("--pdns-api-key={}", servers[0].api_key()));
+    args.push(format!("--pdns-zone={ZONE}"));
+    let mut witness = WitnessProc::start(WitnessOpts {
+        extra_args: args,
+        ..WitnessOpts::default()
+    })
+    .expect("start witness");
+    let client = witness.client().expect("client");
+    let name = lease("continuum/db/app");
+    let acquire = |h: &str, epoch: u64, ttl_ms: u64| {
+        Request::Acquire(Acquire {
+            name: name.clone(),
+            holder: holder(h),
+            epoch: Epoch(epoch),
+            ttl_ms,
+        })
+    };
+
+    let (status, resp) = client
+        .send(&acquire("eu-1", 1, 60_000))
+        .await
+        .expect("acquire");
+    assert_eq!(status, 200, "{resp:?}");
+    let report = read_until(&reader, &name, |r| all_say(r, &published(Some("eu-1"), 1))).await;
+    assert_eq!(report.majority.map(|v| v.agreeing), Some(3));
+
+    let release = Request::Release(Release {
+        name: name.clone(),
+        holder: holder("eu-1"),
+        epoch: Epoch(1),
+    });
+    let (status, resp) = client.send(&release).await.expect("release");
+    assert_eq!((status, resp), (200, Response::Released));
+    read_until(&reader, &name, |r| all_say(r, &published(None, 1))).await;
+
+    // A short grant that nobody renews: the witness's periodic snapshot
+    // publishes the lease as free once it has expired.
+    let (status, _) = client
+        .send(&acquire("eu-2", 2, 500))
+        .await
+        .expect("acquire");
+    assert_eq!(status, 200);
+    read_until(&reader, &name, |r| all_say(r, &published(Some("eu-2"), 2))).await;
+    read_until(&reader, &name, |r| all_say(r, &published(None, 2))).await;
+
+    // While the witness is down, one server gets a stale record; the
+    // restarted witness republishes every lease it knows.
+    let (status, _) = client
+        .send(&acquire("us-1", 3, 60_000))
+        .await
+        .expect("acquire");
+    assert_eq!(status, 200);
+    read_until(&reader, &name, |r| all_say(r, &published(Some("us-1"), 3))).await;
+    witness.kill9();
+    servers[0]
+        .set_txt(
+            &format!("app.db.continuum.{ZONE}."),
+            "\"holder=eu-1 epoch=1\"",
+        )
+        .expect("plant");
+    read_until(&reader, &name, |r| {
+        r.answers[0].1 == published(Some("eu-1"), 1)
+    })
+    .await;
+    witness.restart().expect("restart witness");
+    read_until(&reader, &name, |r| all_say(r, &published(Some("us-1"), 3))).await;
+
+    let metrics = witness.metrics().expect("metrics");
+    let ok_servers = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("continuum_witness_dns_publishes_total{") && l.contains("outcome=\"ok\"")
+        })
+        .filter(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .is_some_and(|v| v >= 1.0)
+        })
+        .count();
+    assert_eq!(ok_servers, 3, "one ok series per server:\n{metrics}");
+    assert!(
+        metrics.contains("continuum_witness_dns_publish_lag_seconds_bucket"),
+        "{metrics}"
+    );
+}
