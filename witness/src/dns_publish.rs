@@ -763,6 +763,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_change_during_a_write_stays_pending() {
+        let publisher =
+            DnsPublisher::start(config(&["http://127.0.0.1:1"]), &Registry::new()).expect("start");
+        let name = LeaseName::new("db").expect("name");
+        publisher.publish(
+            &name,
+            Some(&HolderId::new("eu-1").expect("holder")),
+            Epoch(1),
+        );
+        let server = publisher.shared.servers[0].clone();
+        let in_flight: Vec<(LeaseName, Dirty)> = lock(&server.state)
+            .dirty
+            .iter()
+            .map(|(n, d)| (n.clone(), d.clone()))
+            .collect();
+        // A newer change arrives while the PATCH above is in flight...
+        publisher.publish(
+            &name,
+            Some(&HolderId::new("eu-2").expect("holder")),
+            Epoch(2),
+        );
+        // ...then the server accepts the older one.
+        written(&publisher.shared, &server, &in_flight);
+        let st = lock(&server.state);
+        assert_eq!(st.dirty.get(&name).map(|d| d.state.epoch), Some(Epoch(2)));
+        assert_eq!(st.written.get(&name).map(|p| p.epoch), Some(Epoch(1)));
+        drop(st);
+        // Once written everywhere, the same state is not queued again.
+        let in_flight: Vec<(LeaseName, Dirty)> = lock(&server.state)
+            .dirty
+            .iter()
+            .map(|(n, d)| (n.clone(), d.clone()))
+            .collect();
+        written(&publisher.shared, &server, &in_flight);
+        publisher.publish(
+            &name,
+            Some(&HolderId::new("eu-2").expect("holder")),
+            Epoch(2),
+        );
+        assert_eq!(publisher.pending(), 0);
+    }
+
+    #[tokio::test]
     async fn coalesces_and_drops_stale_changes_while_a_server_is_down() {
         // Port 1 on loopback refuses connections: nothing is ever written,
         // so the queue shows what would be sent.
