@@ -1,5 +1,456 @@
-//! `bench witness` (in progress).
+//! `bench witness`: the witness (embedded store, HTTPS + client certificates,
+//! release build) against a real etcd doing the same job, with the same client
+//! concurrency, in one run:
+//!
+//! - renewals: witness `Renew` vs etcd lease keep-alive (both in-memory on the
+//!   server side: no fsync per renewal);
+//! - acquires: witness `Acquire` of a fresh lease (durable: fsync before the
+//!   reply) vs an etcd txn compare-and-swap creating a fresh key (raft commit,
+//!   fsync);
+//! - the witness's resident memory with 10,000 live leases.
+//!
+//! Figures only, never pass/fail. `--json` prints one object.
 
-pub async fn run(_json: bool) -> anyhow::Result<()> {
-    anyhow::bail!("the witness benchmark is not built yet")
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use continuum_shared::lease::{Acquire, Epoch, HolderId, LeaseName, Request, Response};
+use continuum_shared::transport::https::{HttpsTransport, TlsMaterial};
+use continuum_shared::transport::LeaseTransport;
+use etcd_client::{
+    Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
+};
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::etcd_proc::EtcdProc;
+use crate::pki::Pki;
+use crate::witness_proc::{WitnessOpts, WitnessProc};
+
+/// Concurrent workers, the same for the witness and etcd.
+const WORKERS: usize = 32;
+/// Client connections (HTTPS clients / etcd gRPC channels) the workers share.
+const CONNECTIONS: usize = 4;
+/// Length of each measured phase.
+const PHASE: Duration = Duration::from_secs(5);
+/// Live leases for the memory figure.
+const RSS_LEASES: usize = 10_000;
+
+/// Throughput and latency of one phase.
+#[derive(Debug, Clone, Default)]
+pub struct Figures {
+    pub ops: u64,
+    pub errors: u64,
+    pub ops_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// One benchmark worker: a prepared connection and the operation it repeats.
+/// (Few and long-lived: variant sizes do not matter.)
+#[allow(clippy::large_enum_variant)]
+enum Worker {
+    WitnessRenew {
+        t: Arc<HttpsTransport>,
+        req: Request,
+    },
+    WitnessAcquire {
+        t: Arc<HttpsTransport>,
+        prefix: String,
+        holder: HolderId,
+        ttl_ms: u64,
+        i: u64,
+    },
+    EtcdRenew {
+        keeper: LeaseKeeper,
+        stream: LeaseKeepAliveStream,
+    },
+    EtcdAcquire {
+        client: Client,
+        prefix: String,
+        lease: i64,
+        i: u64,
+    },
+}
+
+impl Worker {
+    async fn once(&mut self) -> anyhow::Result<()> {
+        match self {
+            Worker::WitnessRenew { t, req } => match t.call(req).await? {
+                Response::Granted { .. } => Ok(()),
+                other => anyhow::bail!("renew refused: {other:?}"),
+            },
+            Worker::WitnessAcquire {
+                t,
+                prefix,
+                holder,
+                ttl_ms,
+                i,
+            } => {
+                *i += 1;
+                let req = Request::Acquire(Acquire {
+                    name: LeaseName::new(format!("{prefix}/{i}"))?,
+                    holder: holder.clone(),
+                    epoch: Epoch(1),
+                    ttl_ms: *ttl_ms,
+                });
+                match t.call(&req).await? {
+                    Response::Granted { .. } => Ok(()),
+                    other => anyhow::bail!("acquire refused: {other:?}"),
+                }
+            }
+            Worker::EtcdRenew { keeper, stream } => {
+                keeper.keep_alive().await?;
+                match stream.message().await? {
+                    Some(r) if r.ttl() > 0 => Ok(()),
+                    other => anyhow::bail!("keep-alive failed: {other:?}"),
+                }
+            }
+            Worker::EtcdAcquire {
+                client,
+                prefix,
+                lease,
+                i,
+            } => {
+                *i += 1;
+                let key = format!("{prefix}/{i}");
+                let txn = Txn::new()
+                    .when(vec![Compare::version(key.clone(), CompareOp::Equal, 0)])
+                    .and_then(vec![TxnOp::put(
+                        key,
+                        "holder",
+                        Some(PutOptions::new().with_lease(*lease)),
+                    )]);
+                let r = client.txn(txn).await?;
+                anyhow::ensure!(r.succeeded(), "compare-and-swap lost");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Runs every worker in a loop for `PHASE`, all starting together.
+async fn phase(workers: Vec<Worker>) -> anyhow::Result<Figures> {
+    let start = Instant::now() + Duration::from_millis(200);
+    let end = start + PHASE;
+    let mut tasks = Vec::new();
+    for mut w in workers {
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(16 * 1024);
+            let mut errors = 0u64;
+            tokio::time::sleep_until(start).await;
+            while Instant::now() < end {
+                let t0 = Instant::now();
+                match w.once().await {
+                    Ok(()) => lat.push(t0.elapsed()),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (lat, e) = t.await?;
+        all.extend(lat);
+        errors += e;
+    }
+    all.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if all.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1;
+        all[i].as_secs_f64() * 1000.0
+    };
+    Ok(Figures {
+        ops: all.len() as u64,
+        errors,
+        ops_per_s: all.len() as f64 / PHASE.as_secs_f64(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+    })
+}
+
+fn tls(pki: &Pki) -> TlsMaterial {
+    TlsMaterial {
+        ca_pem: pki.ca_pem.clone().into_bytes(),
+        cert_pem: pki.client.cert_pem.clone().into_bytes(),
+        key_pem: pki.client.key_pem.clone().into_bytes(),
+    }
+}
+
+fn transports(w: &WitnessProc) -> anyhow::Result<Vec<Arc<HttpsTransport>>> {
+    (0..CONNECTIONS)
+        .map(|_| {
+            Ok(Arc::new(HttpsTransport::new(
+                &w.api_url(),
+                &tls(w.pki()),
+                Duration::from_secs(5),
+            )?))
+        })
+        .collect()
+}
+
+/// The release witness binary, built on demand when the benchmark runs
+/// under `cargo run` (which sets `CARGO`).
+fn ensure_release_witness() -> anyhow::Result<()> {
+    if crate::witness_proc::witness_bin().is_ok() {
+        return Ok(());
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("building the release witness: cargo build --release -p continuum-witness");
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "-p", "continuum-witness"])
+        .status()
+        .context("running cargo")?;
+    anyhow::ensure!(status.success(), "building continuum-witness failed");
+    crate::witness_proc::witness_bin().map(|_| ())
+}
+
+/// The pid of the witness serving `api_url`, found by its command line.
+fn witness_pid(port: u16) -> anyhow::Result<u32> {
+    let needle = format!("--api-listen=127.0.0.1:{port}");
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("continuum-witness") && cmdline.split('\0').any(|a| a == needle) {
+            return Ok(pid);
+        }
+    }
+    anyhow::bail!("no witness process listening on port {port}")
+}
+
+/// VmRSS of `pid` in MiB.
+fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(PathBuf::from(format!("/proc/{pid}/status")))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb / 1024.0)
+}
+
+fn holder(w: usize) -> anyhow::Result<HolderId> {
+    Ok(HolderId::new(format!("bench-{w}"))?)
+}
+
+async fn witness_renew(w: &WitnessProc) -> anyhow::Result<Figures> {
+    let ts = transports(w)?;
+    let mut workers = Vec::new();
+    for i in 0..WORKERS {
+        let t = Arc::clone(&ts[i % CONNECTIONS]);
+        let a = Acquire {
+            name: LeaseName::new(format!("bench/renew/{i}"))?,
+            holder: holder(i)?,
+            epoch: Epoch(1),
+            ttl_ms: 30_000,
+        };
+        match t.call(&Request::Acquire(a.clone())).await? {
+            Response::Granted { .. } => {}
+            other => anyhow::bail!("setup acquire refused: {other:?}"),
+        }
+        workers.push(Worker::WitnessRenew {
+            t,
+            req: Request::Renew(a),
+        });
+    }
+    phase(workers).await
+}
+
+async fn witness_acquire(w: &WitnessProc, tag: &str, ttl_ms: u64) -> anyhow::Result<Figures> {
+    let ts = transports(w)?;
+    let workers = (0..WORKERS)
+        .map(|i| {
+            Ok(Worker::WitnessAcquire {
+                t: Arc::clone(&ts[i % CONNECTIONS]),
+                prefix: format!("bench/{tag}/{i}"),
+                holder: holder(i)?,
+                ttl_ms,
+                i: 0,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    phase(workers).await
+}
+
+async fn etcd_clients(etcd: &EtcdProc) -> anyhow::Result<Vec<Client>> {
+    let mut cs = Vec::new();
+    for _ in 0..CONNECTIONS {
+        cs.push(Client::connect([etcd.endpoint()], None).await?);
+    }
+    Ok(cs)
+}
+
+async fn etcd_renew(etcd: &EtcdProc) -> anyhow::Result<Figures> {
+    let cs = etcd_clients(etcd).await?;
+    let mut workers = Vec::new();
+    for i in 0..WORKERS {
+        let mut c = cs[i % CONNECTIONS].clone();
+        let lease = c.lease_grant(30, None).await?.id();
+        let (keeper, stream) = c.lease_keep_alive(lease).await?;
+        workers.push(Worker::EtcdRenew { keeper, stream });
+    }
+    phase(workers).await
+}
+
+async fn etcd_acquire(etcd: &EtcdProc) -> anyhow::Result<Figures> {
+    let cs = etcd_clients(etcd).await?;
+    let mut workers = Vec::new();
+    for i in 0..WORKERS {
+        let mut c = cs[i % CONNECTIONS].clone();
+        let lease = c.lease_grant(60, None).await?.id();
+        workers.push(Worker::EtcdAcquire {
+            client: c,
+            prefix: format!("/bench/acquire/{i}"),
+            lease,
+            i: 0,
+        });
+    }
+    phase(workers).await
+}
+
+/// Acquires `RSS_LEASES` long-lived leases on a fresh witness and reads its
+/// resident memory before and after.
+async fn witness_rss() -> anyhow::Result<(f64, f64)> {
+    let w = tokio::task::spawn_blocking(|| WitnessProc::start(WitnessOpts::default())).await??;
+    let pid = witness_pid(w.api_addr().port())?;
+    let ts = transports(&w)?;
+    // One request first so the idle figure includes a TLS session.
+    let probe = Request::Read(continuum_shared::lease::Read {
+        name: LeaseName::new("bench/probe")?,
+    });
+    ts[0].call(&probe).await?;
+    let idle = rss_mb(pid)?;
+    let per = RSS_LEASES / WORKERS;
+    let mut tasks = Vec::new();
+    for i in 0..WORKERS {
+        let t = Arc::clone(&ts[i % CONNECTIONS]);
+        let n = if i == WORKERS - 1 {
+            RSS_LEASES - per * (WORKERS - 1)
+        } else {
+            per
+        };
+        let holder = holder(i)?;
+        tasks.push(tokio::spawn(async move {
+            for j in 0..n {
+                let req = Request::Acquire(Acquire {
+                    name: LeaseName::new(format!("bench/rss/{i}/{j}"))?,
+                    holder: holder.clone(),
+                    epoch: Epoch(1),
+                    ttl_ms: 600_000,
+                });
+                match t.call(&req).await? {
+                    Response::Granted { .. } => {}
+                    other => anyhow::bail!("acquire refused: {other:?}"),
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let loaded = rss_mb(pid)?;
+    drop(w);
+    Ok((idle, loaded))
+}
+
+pub async fn run(json_out: bool) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(ensure_release_witness).await??;
+    let (pki, etcd) = tokio::task::spawn_blocking(|| -> anyhow::Result<_> {
+        Ok((Arc::new(Pki::generate()?), EtcdProc::start()?))
+    })
+    .await??;
+    let w = {
+        let pki = Arc::clone(&pki);
+        tokio::task::spawn_blocking(move || {
+            WitnessProc::start(WitnessOpts::default().with_pki(pki))
+        })
+        .await??
+    };
+
+    let w_renew = witness_renew(&w).await?;
+    let w_acq = witness_acquire(&w, "acquire", 30_000).await?;
+    let e_renew = etcd_renew(&etcd).await?;
+    let e_acq = etcd_acquire(&etcd).await?;
+    drop(w);
+    let (rss_idle, rss_10k) = witness_rss().await?;
+
+    let renew_ratio = w_renew.ops_per_s / e_renew.ops_per_s;
+    if json_out {
+        let obj = json!({
+            "workers": WORKERS,
+            "connections": CONNECTIONS,
+            "phase_s": PHASE.as_secs_f64(),
+            "witness": {
+                "renew_ops_per_s": round(w_renew.ops_per_s),
+                "renew_p50_ms": round(w_renew.p50_ms),
+                "renew_p99_ms": round(w_renew.p99_ms),
+                "renew_errors": w_renew.errors,
+                "acquire_ops_per_s": round(w_acq.ops_per_s),
+                "acquire_p50_ms": round(w_acq.p50_ms),
+                "acquire_p99_ms": round(w_acq.p99_ms),
+                "acquire_errors": w_acq.errors,
+                "rss_mb_idle": round(rss_idle),
+                "rss_mb_10k_leases": round(rss_10k),
+            },
+            "etcd": {
+                "renew_ops_per_s": round(e_renew.ops_per_s),
+                "renew_p50_ms": round(e_renew.p50_ms),
+                "renew_p99_ms": round(e_renew.p99_ms),
+                "renew_errors": e_renew.errors,
+                "acquire_ops_per_s": round(e_acq.ops_per_s),
+                "acquire_p50_ms": round(e_acq.p50_ms),
+                "acquire_p99_ms": round(e_acq.p99_ms),
+                "acquire_errors": e_acq.errors,
+            },
+            "renew_ratio_witness_over_etcd": round(renew_ratio),
+        });
+        println!("{obj}");
+    } else {
+        println!(
+            "witness benchmark: {WORKERS} concurrent workers over {CONNECTIONS} connections, {}s per phase",
+            PHASE.as_secs()
+        );
+        println!("{:<28} {:>14} {:>14}", "", "witness", "etcd");
+        let row = |what: &str, a: f64, b: f64| println!("{what:<28} {a:>14.1} {b:>14.1}");
+        let row3 = |what: &str, a: f64, b: f64| println!("{what:<28} {a:>14.3} {b:>14.3}");
+        row("renewals/s", w_renew.ops_per_s, e_renew.ops_per_s);
+        row3("renew p50 ms", w_renew.p50_ms, e_renew.p50_ms);
+        row3("renew p99 ms", w_renew.p99_ms, e_renew.p99_ms);
+        row("acquires/s", w_acq.ops_per_s, e_acq.ops_per_s);
+        row3("acquire p50 ms", w_acq.p50_ms, e_acq.p50_ms);
+        row3("acquire p99 ms", w_acq.p99_ms, e_acq.p99_ms);
+        println!(
+            "{:<28} {:>14} {:>14}",
+            "errors (renew/acquire)",
+            format!("{}/{}", w_renew.errors, w_acq.errors),
+            format!("{}/{}", e_renew.errors, e_acq.errors)
+        );
+        println!(
+            "renewals/s ratio witness/etcd: {renew_ratio:.2} (target >= 3, with p99 <= etcd's)"
+        );
+        println!(
+            "witness RSS: {rss_idle:.1} MiB idle, {rss_10k:.1} MiB with {RSS_LEASES} live leases (target <= 30)"
+        );
+    }
+    Ok(())
 }
