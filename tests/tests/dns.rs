@@ -240,6 +240,7 @@ async fn witness_publishes_grants_releases_and_expiry() {
         .collect();
     args.push(format!("--pdns-api-key={}", servers[0].api_key()));
     args.push(format!("--pdns-zone={ZONE}"));
+    args.push("--pdns-snapshot-interval=1".to_string());
     let mut witness = WitnessProc::start(WitnessOpts {
         extra_args: args,
         ..WitnessOpts::default()

@@ -71,7 +71,7 @@ impl PublisherConfig {
 
 /// `continuum-witness serve` flags of DNS publication (off unless
 /// `--pdns-api-url` is given).
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct DnsArgs {
     /// Base URL of a PowerDNS HTTP API (e.g. http://127.0.0.1:8081), one per
     /// independent authoritative server; repeat the flag or separate with
@@ -97,6 +97,17 @@ pub struct DnsArgs {
         default_value = "localhost"
     )]
     pub pdns_server_id: String,
+    /// Seconds between full re-reads of the witness's leases for DNS. Expiry
+    /// is not a change event, so an expired holder leaves DNS within this
+    /// delay; each re-read costs one store read per lease (several etcd
+    /// requests per lease with --store etcd).
+    #[arg(
+        long,
+        env = "CONTINUUM_WITNESS_PDNS_SNAPSHOT_INTERVAL",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    pub pdns_snapshot_interval: u64,
 }
 
 impl DnsArgs {
@@ -124,13 +135,9 @@ impl DnsArgs {
     }
 }
 
-/// How often the witness's full lease list is re-read for publication
-/// (expiry is not a change event).
-pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
-
 /// Attaches DNS publication to `witness` when configured: the publisher
 /// receives every grant and release, plus a snapshot every
-/// [`SNAPSHOT_EVERY`]. Keep the returned publisher alive while serving.
+/// `--pdns-snapshot-interval`. Keep the returned publisher alive while serving.
 pub fn attach(
     args: &DnsArgs,
     witness: crate::service::Witness,
@@ -141,7 +148,8 @@ pub fn attach(
     let publisher = DnsPublisher::start(cfg, witness.metrics().registry())?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let witness = Arc::new(witness.with_change_sink(tx));
-    let task = publisher.follow(witness.clone(), rx, SNAPSHOT_EVERY);
+    let every = Duration::from_secs(args.pdns_snapshot_interval);
+    let task = publisher.follow(witness.clone(), rx, every);
     Ok((
         witness,
         Some(DnsPublisher {
@@ -417,7 +425,8 @@ impl DnsPublisher {
     ) -> JoinHandle<()> {
         let publisher = self.clone();
         tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(snapshot_every);
+            // `interval` panics on a zero period.
+            let mut ticker = tokio::time::interval(snapshot_every.max(Duration::from_millis(100)));
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -686,6 +695,7 @@ mod tests {
             Some("config".into())
         );
         assert_eq!(parse(&["--pdns-zone", "z"]).err(), Some("config".into()));
+        assert!(parse(&["--pdns-snapshot-interval", "0"]).is_err());
     }
 
     #[test]
