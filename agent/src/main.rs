@@ -8,7 +8,12 @@ use clap::{Parser, Subcommand};
 #[command(name = "continuum-agent", version, about, long_about = None)]
 struct Cli {
     /// Log format: `json` for production, `text` for a terminal.
-    #[arg(long, env = "CONTINUUM_LOG_FORMAT", default_value = "json", global = true)]
+    #[arg(
+        long,
+        env = "CONTINUUM_LOG_FORMAT",
+        default_value = "json",
+        global = true
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -21,7 +26,12 @@ enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Run the controllers (stuck HelmRelease recovery) with leader election and the health port.
+    Run(continuum_agent::cli::RunArgs),
+    /// Stuck HelmRelease recovery, one pass (replaces the CronJob).
+    HrRecovery(continuum_agent::cli::HrRecoveryArgs),
+}
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -36,5 +46,8 @@ fn init_logging(format: LogFormat) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    match cli.command {}
+    match cli.command {
+        Command::Run(args) => continuum_agent::cli::run(args),
+        Command::HrRecovery(args) => continuum_agent::cli::hr_recovery(args),
+    }
 }

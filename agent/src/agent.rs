@@ -1,0 +1,151 @@
+//! The long-running agent (`continuum-agent run`): health port, leader election,
+//! and the HelmRelease recovery controller while leading.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
+use kube::Client;
+use prometheus::{IntGauge, Registry};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::health::{self, HealthState};
+use crate::hr_recovery::controller::{self, Ctx};
+use crate::hr_recovery::guardrail::Guardrail;
+use crate::hr_recovery::metrics::Metrics;
+use crate::hr_recovery::{self, Config};
+use crate::leader::{self, LeaderConfig};
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub hr: Config,
+    pub health_addr: SocketAddr,
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub identity: String,
+    pub lease_duration: Duration,
+}
+
+/// A running agent; everything stops when dropped.
+pub struct Agent {
+    pub health_addr: SocketAddr,
+    pub leading: watch::Receiver<bool>,
+    pub guard: Arc<Mutex<Guardrail>>,
+    pub registry: Registry,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Agent {
+    pub async fn start(client: Client, opts: AgentOptions) -> anyhow::Result<Self> {
+        let registry = Registry::new();
+        let metrics = Metrics::new(&registry)?;
+        let leader_gauge = IntGauge::new(
+            "continuum_agent_leader",
+            "1 while this instance holds the leader Lease",
+        )?;
+        registry.register(Box::new(leader_gauge.clone()))?;
+        let guard = Arc::new(Mutex::new(Guardrail::new(
+            opts.hr.max_actions,
+            opts.hr.guardrail_window,
+        )));
+        let (health_addr, health_task) = health::serve(
+            opts.health_addr,
+            HealthState {
+                registry: registry.clone(),
+                guard: guard.clone(),
+            },
+        )
+        .await?;
+
+        let (leading_tx, leading_rx) = watch::channel(false);
+        let (lease_tx, mut lease_rx) = watch::channel::<Option<Lease>>(None);
+        let leases: Api<Lease> = Api::namespaced(client.clone(), &opts.lease_namespace);
+        let lcfg = LeaderConfig::new(
+            &opts.lease_namespace,
+            &opts.lease_name,
+            &opts.identity,
+            opts.lease_duration,
+        );
+        let leader_task = tokio::spawn(leader::run(leases, lcfg, leading_tx, lease_tx));
+
+        let ctx = Arc::new(Ctx::new(
+            client,
+            opts.hr.clone(),
+            metrics.clone(),
+            opts.identity.clone(),
+            guard.clone(),
+        ));
+        let (trigger_tx, trigger_rx) = mpsc::channel::<()>(4);
+        let trigger_rx = Arc::new(tokio::sync::Mutex::new(trigger_rx));
+
+        // Guardrail acknowledgement: an annotation on the leader Lease at or after the trip.
+        let ack_guard = guard.clone();
+        let ack_metrics = metrics.clone();
+        let ack_task = tokio::spawn(async move {
+            while lease_rx.changed().await.is_ok() {
+                let ack = lease_rx
+                    .borrow()
+                    .as_ref()
+                    .and_then(|l| l.metadata.annotations.as_ref())
+                    .and_then(|a| a.get(hr_recovery::ANNOTATION_GUARDRAIL_ACK))
+                    .and_then(|v| hr_recovery::model::parse_time(v));
+                if let Some(ack) = ack {
+                    let acked = ack_guard
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .acknowledge(ack);
+                    if acked {
+                        ack_metrics.guardrail_tripped.set(0);
+                        tracing::info!(ack = %ack, "guardrail acknowledged by operator; re-evaluating every HelmRelease");
+                        let _ = trigger_tx.try_send(());
+                    }
+                }
+            }
+        });
+
+        // Run the controller only while leading.
+        let mut leading = leading_rx.clone();
+        let supervisor = tokio::spawn(async move {
+            loop {
+                while !*leading.borrow_and_update() {
+                    if leading.changed().await.is_err() {
+                        return;
+                    }
+                }
+                leader_gauge.set(1);
+                let rx = trigger_rx.clone();
+                let reconcile_all = futures::stream::unfold(rx, |rx| async move {
+                    let got = rx.lock().await.recv().await;
+                    got.map(|()| ((), rx))
+                });
+                let ctl = tokio::spawn(controller::run(ctx.clone(), reconcile_all));
+                while *leading.borrow_and_update() {
+                    if leading.changed().await.is_err() {
+                        break;
+                    }
+                }
+                ctl.abort();
+                leader_gauge.set(0);
+                tracing::info!("lost leadership: controller stopped");
+            }
+        });
+        Ok(Self {
+            health_addr,
+            leading: leading_rx,
+            guard,
+            registry,
+            tasks: vec![health_task, leader_task, ack_task, supervisor],
+        })
+    }
+}

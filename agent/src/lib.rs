@@ -1,0 +1,9 @@
+//! Continuum agent library: the controllers and their glue, so tests can run
+//! agents in-process against the test API server.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod cli;
+pub mod health;
+pub mod hr_recovery;
+pub mod leader;

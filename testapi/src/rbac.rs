@@ -1,0 +1,92 @@
+//! RBAC: a ClusterRole loaded from `manifests/` decides every non-admin request.
+
+use serde::Deserialize;
+
+/// One `rules[]` entry of a ClusterRole.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyRule {
+    #[serde(default)]
+    pub api_groups: Vec<String>,
+    #[serde(default)]
+    pub resources: Vec<String>,
+    #[serde(default)]
+    pub verbs: Vec<String>,
+    #[serde(default)]
+    pub resource_names: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RoleDoc {
+    kind: Option<String>,
+    #[serde(default)]
+    rules: Vec<PolicyRule>,
+}
+
+/// Errors reading a ClusterRole file.
+#[derive(Debug, thiserror::Error)]
+pub enum RbacError {
+    #[error("reading {0}: {1}")]
+    Read(String, std::io::Error),
+    #[error("parsing ClusterRole YAML: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+    #[error("no ClusterRole document found")]
+    NoRole,
+}
+
+/// Rules of every `kind: ClusterRole` document in a (multi-document) YAML text.
+pub fn rules_from_yaml(text: &str) -> Result<Vec<PolicyRule>, RbacError> {
+    let mut rules = Vec::new();
+    let mut found = false;
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let value = serde_yaml::Value::deserialize(doc)?;
+        if value.is_null() {
+            continue;
+        }
+        let role: RoleDoc = serde_yaml::from_value(value)?;
+        if role.kind.as_deref() == Some("ClusterRole") {
+            found = true;
+            rules.extend(role.rules);
+        }
+    }
+    if !found {
+        return Err(RbacError::NoRole);
+    }
+    Ok(rules)
+}
+
+/// Rules from a ClusterRole file.
+pub fn rules_from_file(path: &std::path::Path) -> Result<Vec<PolicyRule>, RbacError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| RbacError::Read(path.display().to_string(), e))?;
+    rules_from_yaml(&text)
+}
+
+/// Whether `rules` allow `verb` on `group`/`resource[/subresource]` (named `name` if any).
+pub fn allows(
+    rules: &[PolicyRule],
+    verb: &str,
+    group: &str,
+    resource: &str,
+    sub: Option<&str>,
+    name: Option<&str>,
+) -> bool {
+    let full = match sub {
+        Some(s) => format!("{resource}/{s}"),
+        None => resource.to_string(),
+    };
+    rules.iter().any(|r| {
+        let verb_ok = r.verbs.iter().any(|v| v == "*" || v == verb);
+        let group_ok = r.api_groups.iter().any(|g| g == "*" || g == group);
+        let res_ok = r.resources.iter().any(|x| x == "*" || *x == full);
+        let name_ok = r.resource_names.is_empty()
+            || match name {
+                // Real RBAC cannot restrict create/list/watch by name without a field selector.
+                Some(n) if verb != "create" && verb != "list" && verb != "watch" => {
+                    r.resource_names.iter().any(|x| x == n)
+                }
+                _ => false,
+            };
+        verb_ok && group_ok && res_ok && name_ok
+    })
+}
