@@ -259,7 +259,7 @@ async fn checker_catches_a_broken_deadline_rule() {
     let ttl = Duration::from_millis(1000);
     for broken in [true, false] {
         let slow = FaultConfig {
-            reply_delay: Duration::from_millis(300),
+            reply_delay: Duration::from_millis(600),
             ..Default::default()
         };
         let (ta, tb): (Transports, Transports) = {
@@ -325,4 +325,26 @@ async fn checker_catches_a_missing_restart_rule() {
             eprintln!("missing restart rule caught: {}", v[0]);
         }
     }
+}
+
+/// The HTTPS transport reaches a witness with the client certificate, and a
+/// client with a certificate from another CA gets a transport error (the
+/// witness refuses it at the TLS handshake), not a lease answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_transport_needs_a_valid_client_certificate() {
+    use continuum_shared::lease::{Read, Request, Response};
+    use continuum_shared::transport::https::{HttpsTransport, TlsMaterial};
+    let (pki, ws) = witnesses(1, |pki| WitnessOpts::default().with_pki(pki)).await;
+    let url = ws[0].lock().unwrap().api_url();
+    let read = Request::Read(Read { name: lease() });
+    let good = HttpsTransport::new(&url, &tls(&pki), Duration::from_secs(2)).unwrap();
+    assert!(matches!(good.call(&read).await, Ok(Response::State(_))));
+    let rogue = TlsMaterial {
+        ca_pem: pki.ca_pem.clone().into_bytes(),
+        cert_pem: pki.rogue_client.cert_pem.clone().into_bytes(),
+        key_pem: pki.rogue_client.key_pem.clone().into_bytes(),
+    };
+    let bad = HttpsTransport::new(&url, &rogue, Duration::from_secs(2)).unwrap();
+    let err = bad.call(&read).await.expect_err("rogue client certificate");
+    assert_eq!(err.label(), "connect", "{err}");
 }

@@ -187,3 +187,48 @@ impl LeaseTransport for HttpsTransport {
         self.base.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_tls_material_is_a_config_error_naming_the_part() {
+        let cases = [
+            (
+                TlsMaterial {
+                    ca_pem: vec![],
+                    cert_pem: vec![],
+                    key_pem: vec![],
+                },
+                "CA PEM",
+            ),
+            (
+                TlsMaterial {
+                    ca_pem: b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+                        .to_vec(),
+                    cert_pem: vec![],
+                    key_pem: vec![],
+                },
+                "CA certificate",
+            ),
+        ];
+        for (m, want) in cases {
+            let err = m.client_config().expect_err(want);
+            assert_eq!(err.label(), "config");
+            assert!(err.to_string().contains(want), "{err} should name {want}");
+        }
+    }
+
+    #[test]
+    fn only_https_urls_are_accepted() {
+        let m = TlsMaterial {
+            ca_pem: vec![],
+            cert_pem: vec![],
+            key_pem: vec![],
+        };
+        let err = HttpsTransport::new("http://127.0.0.1:1", &m, Duration::from_secs(1))
+            .expect_err("plain http");
+        assert!(err.to_string().contains("https://"), "{err}");
+    }
+}
