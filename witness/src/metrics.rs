@@ -1,8 +1,8 @@
 //! Prometheus metrics of the witness (one registry per process).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use continuum_shared::lease::Response;
@@ -19,20 +19,46 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     /// Time to answer a request, by operation.
     pub latency: HistogramVec,
+    /// Children of `requests` and `latency` resolved once, so the renewal
+    /// path does no label hashing: `[op][outcome]` and `[op]`.
+    resolved_requests: Vec<IntCounter>,
+    resolved_latency: Vec<Histogram>,
+}
+
+/// Operations, in [`op_index`] order.
+const OPS: [&str; 5] = ["acquire", "renew", "release", "read", "update_meta"];
+/// Outcomes, in [`outcome_index`] order.
+const OUTCOMES: [&str; 8] = [
+    "granted",
+    "held",
+    "epoch_too_low",
+    "not_holder",
+    "released",
+    "state",
+    "meta_stored",
+    "error",
+];
+
+fn op_index(op: &str) -> Option<usize> {
+    OPS.iter().position(|o| *o == op)
+}
+
+fn outcome_index(r: &Response) -> usize {
+    match r {
+        Response::Granted { .. } => 0,
+        Response::Held { .. } => 1,
+        Response::EpochTooLow { .. } => 2,
+        Response::NotHolder { .. } => 3,
+        Response::Released => 4,
+        Response::State(_) => 5,
+        Response::MetaStored => 6,
+        Response::Error { .. } => 7,
+    }
 }
 
 /// Stable outcome label of a response.
 pub fn outcome(r: &Response) -> &'static str {
-    match r {
-        Response::Granted { .. } => "granted",
-        Response::Held { .. } => "held",
-        Response::EpochTooLow { .. } => "epoch_too_low",
-        Response::NotHolder { .. } => "not_holder",
-        Response::Released => "released",
-        Response::State(_) => "state",
-        Response::MetaStored => "meta_stored",
-        Response::Error { .. } => "error",
-    }
+    OUTCOMES[outcome_index(r)]
 }
 
 impl Metrics {
@@ -79,6 +105,14 @@ impl Metrics {
         registry.register(Box::new(epoch.clone()))?;
         registry.register(Box::new(store_errors.clone()))?;
         registry.register(Box::new(latency.clone()))?;
+        let mut resolved_requests = Vec::with_capacity(OPS.len() * OUTCOMES.len());
+        let mut resolved_latency = Vec::with_capacity(OPS.len());
+        for op in OPS {
+            resolved_latency.push(latency.get_metric_with_label_values(&[op])?);
+            for outcome in OUTCOMES {
+                resolved_requests.push(requests.get_metric_with_label_values(&[op, outcome])?);
+            }
+        }
         Ok(Metrics {
             registry,
             requests,
@@ -86,7 +120,28 @@ impl Metrics {
             epoch,
             store_errors,
             latency,
+            resolved_requests,
+            resolved_latency,
         })
+    }
+
+    /// Counts one answered request and its latency.
+    pub fn record(&self, op: &str, response: &Response, seconds: f64) {
+        let Some(i) = op_index(op) else {
+            self.requests
+                .with_label_values(&[op, outcome(response)])
+                .inc();
+            return;
+        };
+        if let Some(c) = self
+            .resolved_requests
+            .get(i * OUTCOMES.len() + outcome_index(response))
+        {
+            c.inc();
+        }
+        if let Some(h) = self.resolved_latency.get(i) {
+            h.observe(seconds);
+        }
     }
 
     /// The registry, for components that add their own metrics.

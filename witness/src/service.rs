@@ -8,7 +8,7 @@ use continuum_shared::lease::{Epoch, HolderId, LeaseName, LeaseView, Request, Re
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::arbiter::Effect;
-use crate::metrics::{outcome, Metrics};
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// A change of holder or epoch, for observers such as DNS publication.
@@ -122,13 +122,7 @@ impl Witness {
             }
         };
         self.metrics
-            .requests
-            .with_label_values(&[op, outcome(&response)])
-            .inc();
-        self.metrics
-            .latency
-            .with_label_values(&[op])
-            .observe(received.elapsed().as_secs_f64());
+            .record(op, &response, received.elapsed().as_secs_f64());
         response
     }
 

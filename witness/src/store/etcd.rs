@@ -52,6 +52,10 @@ const MAX_ATTEMPTS: u32 = 30;
 struct HolderValue {
     holder: HolderId,
     epoch: Epoch,
+    /// TTL in seconds the etcd lease was granted with (requested; etcd may
+    /// round it up), so a renewal knows without asking whether it fits.
+    #[serde(default)]
+    ttl_s: i64,
 }
 
 /// A key as read, with what the compare-and-swap needs.
@@ -221,6 +225,7 @@ impl EtcdStore {
                 let value = HolderValue {
                     holder: new_holder,
                     epoch: d.record.epoch,
+                    ttl_s: ttl_secs(ttl_ms),
                 };
                 self.put_holder_txn(
                     vec![
@@ -240,9 +245,10 @@ impl EtcdStore {
                 let (Some(h), Some(ttl_ms)) = (d.record.holder.clone(), granted_ttl(&d)) else {
                     return Ok(Some(applied));
                 };
-                let value = HolderValue {
+                let mut value = HolderValue {
                     holder: h,
                     epoch: d.record.epoch,
+                    ttl_s: ttl_secs(ttl_ms),
                 };
                 let record_put = if d.persist {
                     Some((rk.clone(), record_bytes(&d.record.persisted())?))
@@ -266,6 +272,9 @@ impl EtcdStore {
                     }
                     Some(h) => {
                         if granted_secs == 0 {
+                            granted_secs = h.value.ttl_s;
+                        }
+                        if granted_secs == 0 {
                             granted_secs = match self.lease_ttl(h.lease).await? {
                                 Some((_, g)) => g,
                                 None => return Ok(None),
@@ -273,6 +282,7 @@ impl EtcdStore {
                         }
                         if ttl_secs(ttl_ms) > granted_secs {
                             // Longer TTL than the etcd lease: move the key.
+                            value.ttl_s = ttl_secs(ttl_ms);
                             let moved = self
                                 .put_holder_txn(
                                     vec![
