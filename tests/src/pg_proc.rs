@@ -529,6 +529,25 @@ impl PgRegion {
             .with_context(|| format!("start after pg_rewind, which said:\n{}", report.output))?;
         Ok(report)
     }
+
+    /// Rebuild this former primary (stopped first) from a fresh base backup
+    /// of `primary`: the fallback when pg_rewind cannot run.
+    pub async fn basebackup_onto(&mut self, primary: &PgRegion) -> Result<rejoin::RebuildReport> {
+        tokio::task::block_in_place(|| self.stop())?;
+        let report = rejoin::basebackup_as_standby(
+            &self.tools(),
+            &self.data,
+            &primary.conninfo(),
+            &primary.replication_conninfo(&self.name),
+        )
+        .await?;
+        self.peer = primary.name.clone();
+        self.write_region_conf()?;
+        tokio::task::block_in_place(|| self.start()).with_context(|| {
+            format!("start after pg_basebackup, which said:\n{}", report.output)
+        })?;
+        Ok(report)
+    }
 }
 
 impl Drop for PgRegion {

@@ -374,3 +374,89 @@ async fn region_kill_promote_loses_no_acked_write_and_old_primary_stays_fenced()
         Some("kill-a")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_waits_for_replay_and_old_primary_rebuilds_by_basebackup() {
+    let (mut primary, standby) = pair("catch-a", "catch-b");
+    create_table(&primary).await;
+    let b = standby.connect().await.unwrap();
+    b.batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    // Asynchronous for this test only, so WAL arrives that the paused standby
+    // has not replayed (with remote_apply the commits would wait instead).
+    backend::set_synchronous_standby(&primary.conninfo(), None)
+        .await
+        .unwrap();
+    let a = primary.connect().await.unwrap();
+    a.batch_execute("INSERT INTO acked SELECT generate_series(1, 500)")
+        .await
+        .unwrap();
+    let facts = backend::primary_facts(&primary.conninfo()).await.unwrap();
+    assert!(!facts.strict && facts.sync_standby().is_none(), "{facts:?}");
+    backend::fence(&primary.conninfo()).await.unwrap();
+
+    // Received but not replayed: behind.
+    let t = Instant::now();
+    let verdict = loop {
+        let (_, v) = backend::standby_status(&standby.conninfo()).await.unwrap();
+        if matches!(v, CatchUp::Behind { .. }) || t.elapsed() > Duration::from_secs(10) {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(matches!(verdict, CatchUp::Behind { .. }), "{verdict:?}");
+
+    // Invariant 4: no promotion while behind.
+    let short = PromoteOptions {
+        catch_up_timeout: Duration::from_millis(300),
+        ..PromoteOptions::default()
+    };
+    let err = backend::promote(&standby.conninfo(), short)
+        .await
+        .unwrap_err();
+    assert_eq!(err.label(), "not_caught_up", "{err}");
+    let (status, _) = backend::standby_status(&standby.conninfo()).await.unwrap();
+    assert!(status.in_recovery, "refused promotion left it a standby");
+
+    // Replay resumes while promote() waits: it promotes once caught up.
+    let resume = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b.batch_execute("SELECT pg_wal_replay_resume()")
+            .await
+            .unwrap();
+    });
+    let report = backend::promote(&standby.conninfo(), PromoteOptions::default())
+        .await
+        .unwrap();
+    resume.await.unwrap();
+    eprintln!("promotion after catch-up wait: {report:?}");
+    assert!(report.catch_up_polls > 1, "{report:?}");
+    assert!(report.lsn_at_promotion >= report.received_at_promotion);
+    let on_b = ids_on(&standby).await;
+    assert!((1..=500).all(|i| on_b.contains(&i)));
+
+    // Rebuild the old primary from a base backup; B requires it again.
+    let rebuilt = primary.basebackup_onto(&standby).await.unwrap();
+    eprintln!("basebackup rebuild took {:?}", rebuilt.duration);
+    backend::set_synchronous_standby(&standby.conninfo(), Some("catch-a"))
+        .await
+        .unwrap();
+    let b = standby.connect().await.unwrap();
+    let n = tokio::time::timeout(
+        Duration::from_secs(20),
+        b.execute("INSERT INTO acked (id) VALUES (-1)", &[]),
+    )
+    .await
+    .expect("acknowledged by the rebuilt standby")
+    .unwrap();
+    assert_eq!(n, 1);
+    assert!(ids_on(&primary).await.contains(&-1));
+    let a = primary.connect().await.unwrap();
+    let in_recovery: bool = a
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_recovery);
+}

@@ -52,12 +52,14 @@ pub struct FenceReport {
     pub reload_confirmed: bool,
     /// Client backends terminated.
     pub terminated: u64,
+    /// Whether every terminated backend was seen gone within its bound.
+    pub all_terminated: bool,
 }
 
 /// Bound on waiting for a configuration reload to reach all processes.
 const RELOAD_BOUND: Duration = Duration::from_secs(2);
-/// Per-backend wait for termination, in milliseconds (pg_terminate_backend).
-const TERMINATE_WAIT_MS: i64 = 2000;
+/// Bound on waiting for terminated client backends to exit.
+const TERMINATE_BOUND: Duration = Duration::from_secs(3);
 
 async fn alter_system(
     client: &Client,
@@ -131,24 +133,51 @@ pub async fn fence(conninfo: &str) -> Result<FenceReport, PgError> {
     let reload_confirm = t2.elapsed();
 
     let t3 = Instant::now();
-    let mut terminated = 0u64;
-    // Two passes: a backend the first pass failed to end within its wait is
-    // tried again; new backends already start fenced.
-    for _ in 0..2 {
-        let rows = client
+    // Signal every client backend at once, then poll tightly until they are
+    // gone (pg_terminate_backend's own wait polls each pid in 100 ms steps).
+    // Backends that connect meanwhile already run fenced.
+    // Filter first, signal in the projection: never our own session.
+    let targets: Vec<i32> = client
+        .query(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map_err(q("terminate backends"))?
+        .iter()
+        .filter(|r| r.get::<_, bool>(1))
+        .map(|r| r.get(0))
+        .collect();
+    let mut all_gone = targets.is_empty();
+    while !all_gone {
+        let left: Vec<i32> = client
             .query(
-                "SELECT pid, pg_terminate_backend(pid, $1) FROM pg_stat_activity \
-                 WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
-                &[&TERMINATE_WAIT_MS],
+                "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&targets],
             )
             .await
-            .map_err(q("terminate backends"))?;
-        let ended = rows.iter().filter(|r| r.get::<_, bool>(1)).count() as u64;
-        terminated += ended;
-        if ended as usize == rows.len() {
+            .map_err(q("wait for terminated backends"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        all_gone = left.is_empty();
+        if all_gone || t3.elapsed() > TERMINATE_BOUND {
             break;
         }
+        if t3.elapsed() > TERMINATE_BOUND / 2 {
+            // Signal again; harmless if it is already exiting.
+            client
+                .query(
+                    "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid",
+                    &[&left],
+                )
+                .await
+                .map_err(q("terminate backends again"))?;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    let terminated = targets.len() as u64;
     let terminate = t3.elapsed();
     let report = FenceReport {
         total: t0.elapsed(),
@@ -158,6 +187,7 @@ pub async fn fence(conninfo: &str) -> Result<FenceReport, PgError> {
         terminate,
         reload_confirmed,
         terminated,
+        all_terminated: all_gone,
     };
     tracing::info!(
         action = "fence",
@@ -288,7 +318,7 @@ pub struct PromotionReport {
 }
 
 /// Promote a standby: wait (bounded, tight polling) until it has replayed
-/// all WAL it received, then pg_promote(wait => true). Idempotent: a server
+/// all WAL it received, then pg_promote and poll until out of recovery. Idempotent: a server
 /// already out of recovery is reported as such, not promoted again.
 pub async fn promote(conninfo: &str, opts: PromoteOptions) -> Result<PromotionReport, PgError> {
     let t0 = Instant::now();
@@ -334,13 +364,30 @@ pub async fn promote(conninfo: &str, opts: PromoteOptions) -> Result<PromotionRe
     let catch_up_wait = wait_start.elapsed();
 
     let t1 = Instant::now();
-    let promoted: bool = client
-        .query_one("SELECT pg_promote(true, $1)", &[&opts.promote_wait_secs])
+    // pg_promote(wait => true) polls in 100 ms steps; ask without waiting and
+    // poll tightly instead.
+    let signalled: bool = client
+        .query_one("SELECT pg_promote(false)", &[])
         .await
         .map_err(q("pg_promote"))?
         .get(0);
-    if !promoted {
+    if !signalled {
         return Err(PgError::PromoteFailed(opts.promote_wait_secs));
+    }
+    let bound = Duration::from_secs(u64::try_from(opts.promote_wait_secs).unwrap_or(0));
+    loop {
+        let in_recovery: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(q("wait for promotion"))?
+            .get(0);
+        if !in_recovery {
+            break;
+        }
+        if t1.elapsed() > bound {
+            return Err(PgError::PromoteFailed(opts.promote_wait_secs));
+        }
+        tokio::time::sleep(opts.poll_interval).await;
     }
     let promote_d = t1.elapsed();
     let after: Option<String> = client
