@@ -6,7 +6,8 @@
 //!
 //! PostgreSQL refuses to run as root: when the tests run as root, the
 //! servers and tools run as the `postgres` user (Debian's package creates
-//! it), else `nobody`; otherwise as the current user.
+//! it), else `nobody` (`CONTINUUM_PG_USER` overrides); otherwise as the
+//! current user. `CONTINUUM_PG_BIN_DIR` overrides where the binaries are.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -72,12 +73,17 @@ fn lookup_user(name: &str) -> Option<RunAs> {
     })
 }
 
-/// None when not root (run as ourselves).
+/// The account to run PostgreSQL as: None when not root (run as ourselves).
 pub fn run_as() -> Result<Option<RunAs>> {
     // /proc/self is owned by the effective uid.
     let euid = fs::metadata("/proc/self").context("stat /proc/self")?.uid();
     if euid != 0 {
         return Ok(None);
+    }
+    if let Ok(user) = std::env::var("CONTINUUM_PG_USER") {
+        return lookup_user(&user)
+            .map(Some)
+            .ok_or_else(|| anyhow!("CONTINUUM_PG_USER={user}: no such user"));
     }
     lookup_user("postgres")
         .or_else(|| lookup_user("nobody"))
@@ -149,13 +155,15 @@ fn process_tree(root: u32) -> Vec<u32> {
     out
 }
 
+/// Send `sig` to `pids` through the shell's builtin kill (procps' kill may
+/// be missing on minimal systems; no unsafe code needed).
 fn signal(sig: &str, pids: &[u32]) -> Result<()> {
     if pids.is_empty() {
         return Ok(());
     }
     // Exit status ignored: some pids may have exited meanwhile.
-    Command::new("kill")
-        .arg(format!("-{sig}"))
+    Command::new("/bin/sh")
+        .args(["-c", "kill -s \"$0\" \"$@\" 2>/dev/null; true", sig])
         .args(pids.iter().map(u32::to_string))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
