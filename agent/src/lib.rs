@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod failover;
 pub mod health;
 pub mod hr_recovery;
 pub mod leader;

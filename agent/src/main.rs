@@ -27,6 +27,9 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Failover between two regions' PostgreSQL databases (direct back-end): hold the
+    /// lease while primary, fence the moment it is lost, promote the synchronous standby.
+    Failover(continuum_agent::failover::FailoverArgs),
     /// Run the controllers (stuck HelmRelease recovery) with leader election and the health port.
     Run(continuum_agent::cli::RunArgs),
     /// Stuck HelmRelease recovery, one pass (replaces the CronJob).
@@ -47,6 +50,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
+        Command::Failover(args) => continuum_agent::failover::run(args),
         Command::Run(args) => continuum_agent::cli::run(args),
         Command::HrRecovery(args) => continuum_agent::cli::hr_recovery(args),
     }

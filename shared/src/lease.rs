@@ -344,7 +344,10 @@ pub struct LeaseView {
 pub enum Response {
     /// The caller holds the lease at `epoch` for `ttl_ms` from when the
     /// witness received the request.
-    Granted { epoch: Epoch, ttl_ms: u64 },
+    Granted {
+        epoch: Epoch,
+        ttl_ms: u64,
+    },
     /// Someone else holds it.
     Held {
         holder: HolderId,
@@ -352,7 +355,9 @@ pub enum Response {
         remaining_ms: u64,
     },
     /// The proposed epoch is not above the highest this witness granted.
-    EpochTooLow { max_epoch: Epoch },
+    EpochTooLow {
+        max_epoch: Epoch,
+    },
     /// The caller is not the current holder at that epoch.
     NotHolder {
         holder: Option<HolderId>,
@@ -363,7 +368,10 @@ pub enum Response {
     MetaStored,
     /// The request was refused before the lease logic (bad input, auth,
     /// store failure). `code` is a stable label.
-    Error { code: String, message: String },
+    Error {
+        code: String,
+        message: String,
+    },
 }
 
 impl Response {

@@ -6,11 +6,12 @@
 #![forbid(unsafe_code)]
 
 pub mod dns;
+pub mod failover;
 pub mod health;
 pub mod lease;
 pub mod link;
-pub mod quorum;
-pub mod transport;
 /// Direct PostgreSQL fencing and promotion back-end (feature `pg`).
 #[cfg(feature = "pg")]
 pub mod pg;
+pub mod quorum;
+pub mod transport;
