@@ -243,6 +243,8 @@ impl TestApi {
             http::HeaderValue::from_str(&format!("Bearer {user}"))?,
         ));
         cfg.read_timeout = None;
+        // Tests see every answer (injected 503/504 included) instead of kube's silent retries.
+        cfg.default_retry = false;
         Ok(cfg)
     }
 
