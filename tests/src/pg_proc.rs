@@ -309,6 +309,7 @@ impl PgRegion {
              max_replication_slots = 10\n\
              wal_keep_size = '256MB'\n\
              hot_standby = on\n\
+             wal_retrieve_retry_interval = '200ms'\n\
              wal_log_hints = on\n\
              synchronous_commit = remote_apply\n\
              synchronous_standby_names = '{names}'\n\

@@ -153,7 +153,7 @@ async fn remote_apply_is_strict_commit_waits_for_the_standby() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fence_stops_acknowledgements_and_every_ack_is_on_the_standby() {
-    let (primary, standby) = pair("fence-a", "fence-b");
+    let (mut primary, standby) = pair("fence-a", "fence-b");
     create_table(&primary).await;
     let stop = Arc::new(AtomicBool::new(false));
     let log = Arc::new(Mutex::new(Log::default()));
@@ -211,6 +211,24 @@ async fn fence_stops_acknowledgements_and_every_ack_is_on_the_standby() {
     let c = primary.connect().await.unwrap();
     let err = c
         .execute("INSERT INTO acked (id) VALUES (-1)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+    );
+
+    // The fence survives a crash: killed and restarted without any agent,
+    // the server comes back fenced (invariant 5).
+    tokio::task::block_in_place(|| {
+        primary.kill9()?;
+        primary.start()
+    })
+    .unwrap();
+    assert!(backend::is_fenced(&primary.conninfo()).await.unwrap());
+    let c = primary.connect().await.unwrap();
+    let err = c
+        .execute("INSERT INTO acked (id) VALUES (-3)", &[])
         .await
         .unwrap_err();
     assert_eq!(
