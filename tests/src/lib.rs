@@ -7,9 +7,11 @@
 
 pub mod bench;
 pub mod checker;
+pub mod drill;
 pub mod etcd_proc;
+pub mod faults;
 pub mod pdns_proc;
 pub mod pg_proc;
 pub mod pki;
-pub mod witness_proc;
 pub mod wg_proc;
+pub mod witness_proc;
