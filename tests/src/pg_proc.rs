@@ -511,10 +511,11 @@ impl PgRegion {
         Ok(continuum_shared::pg::backend::connect(&self.conninfo()).await?)
     }
 
-    /// Make this stopped former primary start as a fenced standby of `primary`
-    /// (invariant 5, no rebuild), then start it.
+    /// Stop this former primary (fast shutdown, which sends all its WAL to a
+    /// connected standby) and start it as a fenced standby of `primary`
+    /// (invariant 5, no rebuild).
     pub fn follow_fenced(&mut self, primary: &PgRegion) -> Result<()> {
-        self.kill9()?;
+        self.stop()?;
         rejoin::follow_offline(&self.data, &primary.replication_conninfo(&self.name))?;
         self.fix_ownership()?;
         self.start()

@@ -484,3 +484,44 @@ async fn promotion_waits_for_replay_and_old_primary_rebuilds_by_basebackup() {
         .get(0);
     assert!(in_recovery);
 }
+
+/// Planned switchover: fence, clean stop, promote, and the old primary
+/// follows the new one without any rebuild.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_switchover_old_primary_follows_without_rebuild() {
+    let (mut primary, standby) = pair("sw-a", "sw-b");
+    create_table(&primary).await;
+    let a = primary.connect().await.unwrap();
+    a.batch_execute("INSERT INTO acked SELECT generate_series(1, 100)")
+        .await
+        .unwrap();
+    backend::fence(&primary.conninfo()).await.unwrap();
+    // Fast shutdown sends the remaining WAL (up to the shutdown checkpoint).
+    tokio::task::block_in_place(|| primary.stop()).unwrap();
+    let report = backend::promote(&standby.conninfo(), PromoteOptions::default())
+        .await
+        .unwrap();
+    eprintln!("switchover promotion: {report:?}");
+    assert!(!report.already_primary);
+
+    tokio::task::block_in_place(|| primary.follow_fenced(&standby)).unwrap();
+    backend::set_synchronous_standby(&standby.conninfo(), Some("sw-a"))
+        .await
+        .unwrap();
+    let b = standby.connect().await.unwrap();
+    let n = tokio::time::timeout(
+        Duration::from_secs(20),
+        b.execute("INSERT INTO acked (id) VALUES (-1)", &[]),
+    )
+    .await
+    .expect("the old primary follows the new timeline and acknowledges")
+    .unwrap();
+    assert_eq!(n, 1);
+    let on_a = ids_on(&primary).await;
+    assert!(on_a.contains(&-1) && (1..=100).all(|i| on_a.contains(&i)));
+    let facts = backend::primary_facts(&standby.conninfo()).await.unwrap();
+    assert_eq!(
+        facts.sync_standby().map(|s| s.application_name.as_str()),
+        Some("sw-a")
+    );
+}

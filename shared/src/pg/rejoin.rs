@@ -5,10 +5,15 @@
 //! - [`fence_offline`]: start fenced (read-only default, no possible
 //!   synchronous acknowledgement);
 //! - [`follow_offline`]: start in recovery as a standby of the new primary:
-//!   nothing can write at all. If its WAL diverged from the new timeline it
-//!   cannot stream and stays a read-only standby until rebuilt;
+//!   nothing can write at all. If it was fenced cleanly (no WAL past the new
+//!   primary's fork point, e.g. a planned switchover) it simply follows the
+//!   new timeline, no rebuild needed. If its WAL diverged it cannot stream and
+//!   stays a read-only standby; once it has fetched the new timeline's history
+//!   a further restart refuses to start at all ("requested timeline is not a
+//!   child of this server's history") — still fail-safe, but rebuild it;
 //! - [`rewind_as_standby`] / [`basebackup_as_standby`]: rebuild it onto the
-//!   new primary's timeline.
+//!   new primary's timeline. pg_rewind is a no-op when nothing diverged, so
+//!   always rewinding is the simple rule; base backup is the fallback.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
