@@ -190,9 +190,15 @@ pub struct PgRegion {
 impl PgRegion {
     fn new_dirs(name: &str, peer: &str) -> Result<Self> {
         let run_as = run_as()?;
+        // The server's account must traverse the base directory, and a unix
+        // socket path is limited to ~107 bytes: fall back to /tmp.
+        let mut base = std::env::temp_dir();
+        if run_as.is_some() || base.as_os_str().len() > 48 {
+            base = PathBuf::from("/tmp");
+        }
         let dir = tempfile::Builder::new()
             .prefix(&format!("pg-{name}-"))
-            .tempdir()
+            .tempdir_in(&base)
             .context("temp dir")?;
         let root = dir.path().to_path_buf();
         let sock = root.join("s");

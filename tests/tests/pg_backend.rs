@@ -525,3 +525,33 @@ async fn planned_switchover_old_primary_follows_without_rebuild() {
         Some("sw-a")
     );
 }
+
+/// The partition case of invariant 2: the synchronous standby is unreachable,
+/// commits hang, and the fence still completes and ends them unacknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_works_while_the_standby_is_gone() {
+    let (primary, mut standby) = pair("gone-a", "gone-b");
+    create_table(&primary).await;
+    tokio::task::block_in_place(|| standby.kill9()).unwrap();
+    let c = primary.connect().await.unwrap();
+    let hanging =
+        tokio::spawn(async move { c.execute("INSERT INTO acked (id) VALUES (7)", &[]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!hanging.is_finished());
+
+    let report = tokio::time::timeout(Duration::from_secs(10), backend::fence(&primary.conninfo()))
+        .await
+        .expect("fence does not wait for the standby")
+        .unwrap();
+    eprintln!("fence with standby gone: {report:?}");
+    assert!(
+        report.all_terminated && report.terminated >= 1,
+        "{report:?}"
+    );
+    let r = tokio::time::timeout(Duration::from_secs(5), hanging)
+        .await
+        .expect("the hanging commit ends when its backend is terminated")
+        .unwrap();
+    assert!(r.is_err(), "hanging commit was acknowledged: {r:?}");
+    assert!(backend::is_fenced(&primary.conninfo()).await.unwrap());
+}
