@@ -113,11 +113,17 @@ impl HttpsTransport {
         let uri: http::Uri = format!("{base}{LEASE_PATH}")
             .parse()
             .map_err(|e| TransportError::Config(format!("witness URL {base:?}: {e}")))?;
+        // Small request/response frames: without TCP_NODELAY, Nagle plus the
+        // peer's delayed ACK adds ~40 ms to a renewal.
+        let mut tcp = HttpConnector::new();
+        tcp.set_nodelay(true);
+        tcp.enforce_http(false);
+        tcp.set_connect_timeout(Some(timeout));
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls.client_config()?)
             .https_only()
             .enable_all_versions()
-            .build();
+            .wrap_connector(tcp);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
