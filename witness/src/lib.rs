@@ -11,6 +11,7 @@ pub mod config;
 pub mod dns_publish;
 pub mod health;
 pub mod https;
+pub mod link_api;
 pub mod metrics;
 pub mod serve;
 pub mod service;

@@ -33,6 +33,9 @@ pub use metrics::LinkMetrics;
 /// Heartbeat period at default settings (see the health model for how it
 /// turns into "Unreachable within 2 s").
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
+/// In-tunnel UDP port of the witness lease API (one JSON request per
+/// message, the response goes back to the sender's port).
+pub const LEASE_PORT: u16 = 51_872;
 /// How often boringtun's timers are driven (the library asks for ~250 ms).
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
 
