@@ -32,6 +32,14 @@ fn q(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
     move |source| PgError::Query { what, source }
 }
 
+/// Read one column; a type mismatch is an error, never a panic.
+fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    idx: usize,
+) -> Result<T, PgError> {
+    row.try_get(idx).map_err(q("decode column"))
+}
+
 fn lsn_opt(text: Option<String>) -> Result<Option<Lsn>, PgError> {
     text.map(|t| t.parse()).transpose()
 }
@@ -102,8 +110,8 @@ async fn confirm_reload(client: &Client, want: &str, no_sync_left: bool) -> Resu
             )
             .await
             .map_err(q("confirm reload"))?;
-        let names: String = row.get(0);
-        let sync_left: i64 = row.get(1);
+        let names: String = col(&row, 0)?;
+        let sync_left: i64 = col(&row, 1)?;
         if names == want && (!no_sync_left || sync_left == 0) {
             return Ok(true);
         }
@@ -146,8 +154,10 @@ pub async fn fence(conninfo: &str) -> Result<FenceReport, PgError> {
         .await
         .map_err(q("terminate backends"))?
         .iter()
-        .filter(|r| r.get::<_, bool>(1))
-        .map(|r| r.get(0))
+        .map(|r| Ok((col::<i32>(r, 0)?, col::<bool>(r, 1)?)))
+        .collect::<Result<Vec<_>, PgError>>()?
+        .into_iter()
+        .filter_map(|(pid, signalled)| signalled.then_some(pid))
         .collect();
     let mut all_gone = targets.is_empty();
     while !all_gone {
@@ -159,8 +169,8 @@ pub async fn fence(conninfo: &str) -> Result<FenceReport, PgError> {
             .await
             .map_err(q("wait for terminated backends"))?
             .iter()
-            .map(|r| r.get(0))
-            .collect();
+            .map(|r| col(r, 0))
+            .collect::<Result<_, _>>()?;
         all_gone = left.is_empty();
         if all_gone || t3.elapsed() > TERMINATE_BOUND {
             break;
@@ -253,7 +263,7 @@ pub async fn is_fenced(conninfo: &str) -> Result<bool, PgError> {
         )
         .await
         .map_err(q("read fence settings"))?;
-    Ok(decide::is_fenced(row.get(0), row.get(1)))
+    Ok(decide::is_fenced(col(&row, 0)?, col(&row, 1)?))
 }
 
 async fn standby_status_on(client: &Client) -> Result<StandbyStatus, PgError> {
@@ -265,9 +275,9 @@ async fn standby_status_on(client: &Client) -> Result<StandbyStatus, PgError> {
         .await
         .map_err(q("standby status"))?;
     Ok(StandbyStatus {
-        in_recovery: row.get(0),
-        received: lsn_opt(row.get(1))?,
-        replayed: lsn_opt(row.get(2))?,
+        in_recovery: col(&row, 0)?,
+        received: lsn_opt(col(&row, 1)?)?,
+        replayed: lsn_opt(col(&row, 2)?)?,
     })
 }
 
@@ -366,21 +376,21 @@ pub async fn promote(conninfo: &str, opts: PromoteOptions) -> Result<PromotionRe
     let t1 = Instant::now();
     // pg_promote(wait => true) polls in 100 ms steps; ask without waiting and
     // poll tightly instead.
-    let signalled: bool = client
+    let signalled = client
         .query_one("SELECT pg_promote(false)", &[])
         .await
-        .map_err(q("pg_promote"))?
-        .get(0);
+        .map_err(q("pg_promote"))?;
+    let signalled: bool = col(&signalled, 0)?;
     if !signalled {
         return Err(PgError::PromoteFailed(opts.promote_wait_secs));
     }
     let bound = Duration::from_secs(u64::try_from(opts.promote_wait_secs).unwrap_or(0));
     loop {
-        let in_recovery: bool = client
+        let in_recovery = client
             .query_one("SELECT pg_is_in_recovery()", &[])
             .await
-            .map_err(q("wait for promotion"))?
-            .get(0);
+            .map_err(q("wait for promotion"))?;
+        let in_recovery: bool = col(&in_recovery, 0)?;
         if !in_recovery {
             break;
         }
@@ -390,11 +400,11 @@ pub async fn promote(conninfo: &str, opts: PromoteOptions) -> Result<PromotionRe
         tokio::time::sleep(opts.poll_interval).await;
     }
     let promote_d = t1.elapsed();
-    let after: Option<String> = client
+    let after = client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
-        .map_err(q("current lsn after promotion"))?
-        .get(0);
+        .map_err(q("current lsn after promotion"))?;
+    let after: Option<String> = col(&after, 0)?;
     let report = PromotionReport {
         already_primary: false,
         lsn_at_promotion: status.replayed,
@@ -469,19 +479,19 @@ pub async fn primary_facts(conninfo: &str) -> Result<PrimaryFacts, PgError> {
     let mut repl = Vec::with_capacity(rows.len());
     for r in &rows {
         repl.push(ReplicationRow {
-            application_name: r.get(0),
-            state: r.get(1),
-            sync_state: r.get(2),
-            flush: lsn_opt(r.get(3))?,
-            replay: lsn_opt(r.get(4))?,
+            application_name: col(r, 0)?,
+            state: col(r, 1)?,
+            sync_state: col(r, 2)?,
+            flush: lsn_opt(col(r, 3)?)?,
+            replay: lsn_opt(col(r, 4)?)?,
         });
     }
-    let synchronous_commit: String = row.get(2);
-    let names: String = row.get(3);
-    let read_only: String = row.get(4);
+    let synchronous_commit: String = col(&row, 2)?;
+    let names: String = col(&row, 3)?;
+    let read_only: String = col(&row, 4)?;
     Ok(PrimaryFacts {
-        in_recovery: row.get(0),
-        current_lsn: lsn_opt(row.get(1))?,
+        in_recovery: col(&row, 0)?,
+        current_lsn: lsn_opt(col(&row, 1)?)?,
         strict: decide::strict_sync(&synchronous_commit, &names),
         fenced: decide::is_fenced(&names, &read_only),
         synchronous_commit,
