@@ -18,6 +18,23 @@ struct Cli {
 enum Command {
     /// Serve the lease API (HTTPS) and the health port (HTTP).
     Serve(ServeArgs),
+    /// Write a WireGuard key pair for the control link and print the public key.
+    Keygen(KeygenArgs),
+}
+
+/// `keygen`: the private key file gets mode 0600; existing files are never
+/// overwritten. Agents name this witness by the printed public key.
+#[derive(Debug, clap::Args)]
+struct KeygenArgs {
+    /// Directory for `private.key` and `public.key` (created if missing).
+    #[arg(long, env = "CONTINUUM_KEY_DIR")]
+    out_dir: Option<std::path::PathBuf>,
+    /// Private key path (overrides --out-dir).
+    #[arg(long, env = "CONTINUUM_PRIVATE_KEY_FILE")]
+    private_key_file: Option<std::path::PathBuf>,
+    /// Public key path (overrides --out-dir).
+    #[arg(long, env = "CONTINUUM_PUBLIC_KEY_FILE")]
+    public_key_file: Option<std::path::PathBuf>,
 }
 
 fn init_logs(format: LogFormat) {
@@ -43,6 +60,17 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(continuum_witness::serve::serve(args)))
         }
+        Command::Keygen(args) => continuum_shared::link::keys::keygen(
+            args.out_dir.as_deref(),
+            args.private_key_file.as_deref(),
+            args.public_key_file.as_deref(),
+        )
+        .map(|(public, sk, pk)| {
+            // stdout carries only the key, so scripts can capture it.
+            eprintln!("wrote {} (mode 0600) and {}", sk.display(), pk.display());
+            println!("{public}");
+        })
+        .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

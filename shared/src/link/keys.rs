@@ -17,10 +17,11 @@ use boringtun::x25519;
 pub enum KeyError {
     #[error("key is not 32 bytes of base64: {0}")]
     Format(String),
-    #[error("{path}: {source}")]
+    // `error`, not `source`: the message already includes it once.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -100,9 +101,9 @@ impl PrivateKey {
     }
     /// Reads a base64 private key file (as written by `keygen` or `wg genkey`).
     pub fn from_file(path: &Path) -> Result<PrivateKey, KeyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| KeyError::Io {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         text.parse()
     }
@@ -122,9 +123,9 @@ impl fmt::Debug for PrivateKey {
 }
 
 fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), KeyError> {
-    let io = |source| KeyError::Io {
+    let io = |error| KeyError::Io {
         path: path.to_owned(),
-        source,
+        error,
     };
     // create_new: never overwrite an existing key by accident.
     let mut f = OpenOptions::new()
@@ -151,6 +152,29 @@ pub fn write_key_pair(private_path: &Path, public_path: &Path) -> Result<PublicK
 /// File names `keygen --out-dir` uses.
 pub const PRIVATE_KEY_FILE: &str = "private.key";
 pub const PUBLIC_KEY_FILE: &str = "public.key";
+
+/// What the binaries' `keygen` subcommand does: writes a new pair to
+/// `out_dir/{private,public}.key` or to the explicit paths (explicit paths
+/// win), creating `out_dir` if needed. Returns the public key and the paths.
+pub fn keygen(
+    out_dir: Option<&Path>,
+    private_path: Option<&Path>,
+    public_path: Option<&Path>,
+) -> Result<(PublicKey, PathBuf, PathBuf), KeyError> {
+    let dir = out_dir.unwrap_or(Path::new("."));
+    let sk = private_path.map_or_else(|| dir.join(PRIVATE_KEY_FILE), Path::to_path_buf);
+    let pk = public_path.map_or_else(|| dir.join(PUBLIC_KEY_FILE), Path::to_path_buf);
+    for parent in [sk.parent(), pk.parent()].into_iter().flatten() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent).map_err(|error| KeyError::Io {
+                path: parent.to_owned(),
+                error,
+            })?;
+        }
+    }
+    let public = write_key_pair(&sk, &pk)?;
+    Ok((public, sk, pk))
+}
 
 #[cfg(test)]
 mod tests {
