@@ -34,6 +34,32 @@ enum Command {
     Run(continuum_agent::cli::RunArgs),
     /// Stuck HelmRelease recovery, one pass (replaces the CronJob).
     HrRecovery(continuum_agent::cli::HrRecoveryArgs),
+    /// DaemonSet mode: keep this node's k3s registries.yaml at the version named by the cutover status ConfigMap.
+    NodePivot(continuum_agent::node_pivot::cmd::NodePivotArgs),
+    /// Registry/source pivot tools (`pivot sources`: rewrite Flux source URLs in Git, push, reconcile).
+    Pivot(continuum_agent::source_pivot::cmd::PivotArgs),
+    /// Write a WireGuard key pair for the control link and print the public key.
+    Keygen(KeygenArgs),
+    /// Continuum controller: fail CloudNativePG Clusters over between regions as the
+    /// `Continuum` resources (dr.openova.io/v1) of this cluster describe (leader-elected).
+    Continuum(continuum_agent::continuum::ContinuumArgs),
+    /// Print the generated CustomResourceDefinition YAML (manifests/crds/continuum.yaml).
+    Crds,
+}
+
+/// `keygen`: the private key file gets mode 0600; existing files are never
+/// overwritten. Peers name this agent by the printed public key.
+#[derive(Debug, clap::Args)]
+struct KeygenArgs {
+    /// Directory for `private.key` and `public.key` (created if missing).
+    #[arg(long, env = "CONTINUUM_KEY_DIR")]
+    out_dir: Option<std::path::PathBuf>,
+    /// Private key path (overrides --out-dir).
+    #[arg(long, env = "CONTINUUM_PRIVATE_KEY_FILE")]
+    private_key_file: Option<std::path::PathBuf>,
+    /// Public key path (overrides --out-dir).
+    #[arg(long, env = "CONTINUUM_PUBLIC_KEY_FILE")]
+    public_key_file: Option<std::path::PathBuf>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -53,5 +79,20 @@ fn main() -> anyhow::Result<()> {
         Command::Failover(args) => continuum_agent::failover::run(args),
         Command::Run(args) => continuum_agent::cli::run(args),
         Command::HrRecovery(args) => continuum_agent::cli::hr_recovery(args),
+        Command::NodePivot(args) => continuum_agent::node_pivot::cmd::run(args),
+        Command::Pivot(args) => continuum_agent::source_pivot::cmd::run(args),
+        Command::Continuum(args) => continuum_agent::continuum::run(args),
+        Command::Crds => continuum_agent::continuum::print_crds(),
+        Command::Keygen(args) => {
+            let (public, sk, pk) = continuum_shared::link::keys::keygen(
+                args.out_dir.as_deref(),
+                args.private_key_file.as_deref(),
+                args.public_key_file.as_deref(),
+            )?;
+            // stdout carries only the key, so scripts can capture it.
+            eprintln!("wrote {} (mode 0600) and {}", sk.display(), pk.display());
+            println!("{public}");
+            Ok(())
+        }
     }
 }

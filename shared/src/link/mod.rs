@@ -18,6 +18,7 @@ pub mod core;
 pub mod endpoint;
 pub mod heartbeat;
 pub mod keys;
+pub mod lease_transport;
 pub mod metrics;
 pub mod packet;
 
