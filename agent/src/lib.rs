@@ -8,3 +8,5 @@ pub mod failover;
 pub mod health;
 pub mod hr_recovery;
 pub mod leader;
+pub mod node_pivot;
+pub mod source_pivot;
