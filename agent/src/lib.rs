@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod continuum;
 pub mod failover;
 pub mod health;
 pub mod hr_recovery;

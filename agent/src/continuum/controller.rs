@@ -1,0 +1,895 @@
+//! The Continuum controller: a kube-runtime Controller over `Continuum`
+//! resources in this region's cluster. For each resource it runs the same
+//! observe -> decide -> apply pipeline as the direct-PostgreSQL runner
+//! (`crate::failover`), with the CNPG Cluster of this region as the database
+//! and the witnesses named in the spec (lease `continuum/<namespace>/<name>`).
+//!
+//! Each agent patches only its own region's Cluster; the other region's
+//! agent does the same there, and the two meet only at the witnesses.
+//!
+//! Beside the reconcile loop (requeued every tick), each resource has:
+//!
+//! * a renewer task per grant (renews about every TTL/3 until its
+//!   conservative deadline), and
+//! * a fence guard that fences the Cluster the instant the deadline passes
+//!   without renewal, whatever the reconcile loop is doing (invariant 2).
+//!   It survives the loss of leadership and the removal of the runner: it
+//!   then fences at the last deadline and exits.
+//!
+//! Nothing is kept that cannot be re-derived: after a restart the decision
+//! starts again from the Cluster's spec and annotations and the witnesses'
+//! majority view, so every action is idempotent.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use continuum_shared::failover::{self, Action, DbState, Held, Mode, Observation, SyncPolicy};
+use continuum_shared::lease::{HolderId, LeaseMeta, LeaseName};
+use continuum_shared::quorum::{Grant, MajorityView, QuorumClient, QuorumConfig};
+use continuum_shared::transport::https::{HttpsTransport, TlsMaterial};
+use continuum_shared::transport::LeaseTransport;
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use serde_json::json;
+use tokio::sync::{watch, Mutex};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, Instant};
+
+use super::cnpg::{self, ClusterHandle, Names};
+use super::crd::{
+    Condition, Continuum, ContinuumStatus, FailoverMode, LastFailover, SpecError, SyncPolicySpec,
+};
+
+/// Controller settings that are not per resource.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// This region's id (must be one of each Continuum's `spec.regions`).
+    pub region: HolderId,
+    /// Decision period while nothing changes.
+    pub tick: Duration,
+    /// Largest clock-rate difference to any witness (fraction).
+    pub max_drift: f64,
+    /// Safety margin subtracted from every lease deadline.
+    pub margin: Duration,
+    /// Event reporter instance (pod name).
+    pub instance: String,
+}
+
+/// Errors of one reconcile (the decision loop itself never fails: actions
+/// that fail are counted and decided again next tick).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid spec: {0}")]
+    Spec(#[from] SpecError),
+    #[error("witness TLS secret {0}: {1}")]
+    Tls(String, String),
+    #[error("quorum client: {0}")]
+    Quorum(String),
+    #[error("status update: {0}")]
+    Status(kube::Error),
+}
+
+impl Error {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Spec(e) => e.label(),
+            Self::Tls(..) => "tls_secret",
+            Self::Quorum(_) => "quorum_config",
+            Self::Status(_) => "status_update",
+        }
+    }
+}
+
+/// Prometheus series of the Continuum controller.
+#[derive(Clone)]
+pub struct Metrics {
+    /// `action` = failover action label, `result` = ok | failed.
+    pub actions: IntCounterVec,
+    pub action_errors: IntCounterVec,
+    pub reconcile_errors: IntCounterVec,
+    /// Per Continuum (`namespace/name`).
+    pub lease_held: IntGaugeVec,
+    pub epoch: IntGaugeVec,
+    pub primary: IntGaugeVec,
+    pub fenced: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let actions = IntCounterVec::new(
+            Opts::new(
+                "continuum_cnpg_failover_actions_total",
+                "Failover actions on CNPG Clusters, by action and result.",
+            ),
+            &["action", "result"],
+        )?;
+        let action_errors = IntCounterVec::new(
+            Opts::new(
+                "continuum_cnpg_failover_action_errors_total",
+                "Failed failover actions, by action and error.",
+            ),
+            &["action", "error"],
+        )?;
+        let reconcile_errors = IntCounterVec::new(
+            Opts::new(
+                "continuum_cnpg_reconcile_errors_total",
+                "Continuum reconciles that failed, by error.",
+            ),
+            &["error"],
+        )?;
+        let gauge = |n: &str, h: &str| IntGaugeVec::new(Opts::new(n, h), &["continuum"]);
+        let lease_held = gauge(
+            "continuum_cnpg_lease_held",
+            "1 while this region holds the Continuum's lease by its conservative deadline.",
+        )?;
+        let epoch = gauge(
+            "continuum_cnpg_epoch",
+            "Highest epoch seen for the Continuum.",
+        )?;
+        let primary = gauge(
+            "continuum_cnpg_cluster_primary",
+            "1 while this region's Cluster is the primary of the topology.",
+        )?;
+        let fenced = gauge(
+            "continuum_cnpg_cluster_fenced",
+            "1 while this region's Cluster is fenced.",
+        )?;
+        for c in [&actions, &action_errors, &reconcile_errors] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        for g in [&lease_held, &epoch, &primary, &fenced] {
+            registry.register(Box::new(g.clone()))?;
+        }
+        Ok(Self {
+            actions,
+            action_errors,
+            reconcile_errors,
+            lease_held,
+            epoch,
+            primary,
+            fenced,
+        })
+    }
+}
+
+/// Per-Continuum state between ticks (all of it re-derivable).
+struct Runner {
+    key: String,
+    lease: LeaseName,
+    names: Names,
+    witness_fp: String,
+    quorum: Arc<QuorumClient>,
+    ttl: Duration,
+    cluster: ClusterHandle,
+    grant: watch::Sender<Option<Grant>>,
+    renewer: Option<JoinHandle<()>>,
+    recorded: Option<LeaseMeta>,
+    meta_seq: u64,
+    /// When this region took the lease as a standby (failover start).
+    acquired_at: Option<(Timestamp, Instant)>,
+    last_failover: Option<LastFailover>,
+    last_reason: String,
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        // Stop renewing; the fence guard fences at the last deadline.
+        if let Some(r) = self.renewer.take() {
+            r.abort();
+        }
+    }
+}
+
+/// Everything a reconcile needs.
+pub struct Ctx {
+    pub client: Client,
+    pub cfg: ControllerConfig,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    runners: Mutex<HashMap<String, Arc<Mutex<Runner>>>>,
+}
+
+impl Ctx {
+    pub fn new(client: Client, cfg: ControllerConfig, metrics: Metrics) -> Self {
+        let reporter = Reporter {
+            controller: "continuum-failover".into(),
+            instance: Some(cfg.instance.clone()),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            cfg,
+            metrics,
+            runners: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Stop renewing every lease (on losing leadership). Each fence guard
+    /// fences its Cluster at the last deadline.
+    pub async fn stop_all(&self) {
+        self.runners.lock().await.clear();
+    }
+}
+
+fn event_reason(action: &Action) -> &'static str {
+    match action {
+        Action::Fence { .. } => "Fenced",
+        Action::Acquire { .. } => "LeaseAcquired",
+        Action::Promote { .. } => "Promoted",
+        Action::Unfence { .. } => "Unfenced",
+        Action::SetRequiredStandby { .. } => "RequiredStandbyChanged",
+        Action::RecordEpoch { .. } => "EpochRecorded",
+        Action::UpdateMeta { .. } => "WitnessRecordUpdated",
+        Action::Wait { .. } => "Waiting",
+    }
+}
+
+fn rfc3339(t: Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+/// PostgreSQL's `X/Y` LSN notation.
+fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+async fn publish(ctx: &Ctx, oref: &ObjectReference, warning: bool, reason: &str, note: String) {
+    let ev = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(note),
+        action: "Failover".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, oref).await {
+        tracing::warn!(error = %e, reason, "could not publish Event");
+    }
+}
+
+/// Reads the witness TLS Secret and builds the quorum client.
+async fn quorum_client(
+    ctx: &Ctx,
+    ns: &str,
+    cr: &Continuum,
+    ttl: Duration,
+) -> Result<(Arc<QuorumClient>, String), Error> {
+    let secret_name = &cr.spec.witnesses.tls_secret_ref.name;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let s = secrets
+        .get(secret_name)
+        .await
+        .map_err(|e| Error::Tls(secret_name.clone(), e.to_string()))?;
+    let data = s.data.unwrap_or_default();
+    let key = |k: &str| {
+        data.get(k)
+            .map(|b| b.0.clone())
+            .ok_or_else(|| Error::Tls(secret_name.clone(), format!("missing key {k}")))
+    };
+    let tls = TlsMaterial {
+        ca_pem: key("ca.crt")?,
+        cert_pem: key("tls.crt")?,
+        key_pem: key("tls.key")?,
+    };
+    let call_timeout = (ttl / 6).max(Duration::from_millis(100));
+    let mut witnesses: Vec<Arc<dyn LeaseTransport>> = Vec::new();
+    for url in &cr.spec.witnesses.urls {
+        let t = HttpsTransport::new(url, &tls, call_timeout)
+            .map_err(|e| Error::Quorum(format!("witness {url}: {e}")))?;
+        witnesses.push(Arc::new(t));
+    }
+    let qcfg = QuorumConfig {
+        max_drift: ctx.cfg.max_drift,
+        margin: ctx.cfg.margin,
+        ..QuorumConfig::default()
+    };
+    qcfg.validate(ttl)
+        .map_err(|e| Error::Quorum(format!("lease timing: {e}")))?;
+    let client = QuorumClient::new(witnesses, qcfg).map_err(|e| Error::Quorum(e.to_string()))?;
+    let fp = format!(
+        "{:?}|{}|{}",
+        cr.spec.witnesses.urls,
+        s.metadata.resource_version.unwrap_or_default(),
+        ttl.as_millis()
+    );
+    Ok((Arc::new(client), fp))
+}
+
+/// Finds (or creates) the runner of `cr`; rebuilt when its witnesses, TLS
+/// material or Cluster changed while no lease is held.
+async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Error> {
+    let ns = cr.namespace().unwrap_or_else(|| "default".into());
+    let name = cr.name_any();
+    let key = format!("{ns}/{name}");
+    let sides = cr.spec.sides(ctx.cfg.region.as_str())?;
+    let peer = HolderId::new(sides.peer.name.clone())
+        .map_err(|e| SpecError::RegionName(sides.peer.name.clone(), e.to_string()))?;
+    let names = Names {
+        region: ctx.cfg.region.clone(),
+        peer,
+        local_cluster: sides.local_cnpg.name.clone(),
+        peer_cluster: sides
+            .peer
+            .cnpg
+            .as_ref()
+            .map_or_else(|| sides.peer.name.clone(), |c| c.name.clone()),
+    };
+    let ttl = Duration::from_secs(u64::from(cr.spec.ttl_seconds.max(1)));
+    let existing = ctx.runners.lock().await.get(&key).cloned();
+    let (quorum, fp) = quorum_client(ctx, &ns, cr, ttl).await?;
+    if let Some(r) = existing {
+        let guard = r.lock().await;
+        let holding = guard.grant.borrow().is_some();
+        if holding || (guard.witness_fp == fp && guard.names == names) {
+            drop(guard);
+            return Ok(r);
+        }
+    }
+    let lease = LeaseName::new(format!("continuum/{ns}/{name}"))
+        .map_err(|e| SpecError::LeaseName(e.to_string()))?;
+    let cluster_ns = sides.local_cnpg.namespace.clone().unwrap_or(ns.clone());
+    let cluster = ClusterHandle {
+        api: cnpg::cluster_api(ctx.client.clone(), &cluster_ns),
+        name: sides.local_cnpg.name.clone(),
+    };
+    let (grant_tx, grant_rx) = watch::channel(None);
+    tokio::spawn(fence_guard(
+        grant_rx,
+        cluster.clone(),
+        ctx.metrics.clone(),
+        ctx.recorder.clone(),
+        cr.object_ref(&()),
+        key.clone(),
+    ));
+    let runner = Arc::new(Mutex::new(Runner {
+        key: key.clone(),
+        lease,
+        names,
+        witness_fp: fp,
+        quorum,
+        ttl,
+        cluster,
+        grant: grant_tx,
+        renewer: None,
+        recorded: None,
+        meta_seq: 0,
+        acquired_at: None,
+        last_failover: None,
+        last_reason: String::new(),
+    }));
+    ctx.runners.lock().await.insert(key, runner.clone());
+    Ok(runner)
+}
+
+/// Fences the Cluster the moment the held grant's deadline passes without a
+/// renewal. When the runner is gone (leadership lost), it fences at the
+/// last deadline it knew and exits.
+async fn fence_guard(
+    mut grant: watch::Receiver<Option<Grant>>,
+    cluster: ClusterHandle,
+    metrics: Metrics,
+    recorder: Recorder,
+    oref: ObjectReference,
+    key: String,
+) {
+    let fence = |g: Grant, why: &'static str| {
+        let cluster = cluster.clone();
+        let metrics = metrics.clone();
+        let recorder = recorder.clone();
+        let oref = oref.clone();
+        let key = key.clone();
+        async move {
+            tracing::warn!(continuum = %key, action = "fence", reason = why, epoch = %g.epoch, "fencing the Cluster");
+            match cluster.fence().await {
+                Ok(()) => {
+                    metrics.actions.with_label_values(&["fence", "ok"]).inc();
+                    let ev = Event {
+                        type_: EventType::Warning,
+                        reason: "Fenced".into(),
+                        note: Some(format!("{why} (epoch {})", g.epoch)),
+                        action: "Failover".into(),
+                        secondary: None,
+                    };
+                    if let Err(e) = recorder.publish(&ev, &oref).await {
+                        tracing::warn!(error = %e, "could not publish Event");
+                    }
+                }
+                Err(e) => {
+                    metrics
+                        .actions
+                        .with_label_values(&["fence", "failed"])
+                        .inc();
+                    metrics
+                        .action_errors
+                        .with_label_values(&["fence", e.label()])
+                        .inc();
+                    tracing::error!(continuum = %key, action = "fence", error = %e, "fence failed; the decision loop retries");
+                }
+            }
+        }
+    };
+    loop {
+        let current = grant.borrow_and_update().clone();
+        match current {
+            None => {
+                if grant.changed().await.is_err() {
+                    return;
+                }
+            }
+            Some(g) => {
+                tokio::select! {
+                    changed = grant.changed() => if changed.is_err() {
+                        sleep_until(g.deadline).await;
+                        fence(g, "runner stopped: lease deadline passed without renewal").await;
+                        return;
+                    },
+                    _ = sleep_until(g.deadline) => {
+                        let same = grant.borrow().as_ref().is_some_and(|c| c.deadline == g.deadline);
+                        if same {
+                            fence(g, "lease deadline passed without renewal").await;
+                            if grant.changed().await.is_err() { return; }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Renews `grant` about every TTL/3 until renewals fail past its deadline.
+async fn renewer(client: Arc<QuorumClient>, mut grant: Grant, tx: watch::Sender<Option<Grant>>) {
+    let every = grant.ttl / 3;
+    let retry = (grant.ttl / 20).max(Duration::from_millis(20));
+    let mut next = grant.sent_at + every;
+    loop {
+        sleep_until(next).await;
+        if tx.borrow().as_ref().map(|g| g.epoch) != Some(grant.epoch) {
+            return;
+        }
+        match client.renew(&grant).await {
+            Ok(g) => {
+                next = g.sent_at + every;
+                grant = g.clone();
+                tx.send_replace(Some(g));
+            }
+            Err(e) => {
+                if Instant::now() >= grant.deadline {
+                    tracing::warn!(epoch = %grant.epoch, reason = %e, "renewals failed until the deadline: lease lost");
+                    tx.send_replace(None);
+                    return;
+                }
+                next = Instant::now() + retry;
+            }
+        }
+    }
+}
+
+/// What one tick saw.
+struct Seen {
+    db: Option<DbState>,
+    cluster: Option<DynamicObject>,
+    view: Option<MajorityView>,
+    held: Option<Held>,
+}
+
+impl Runner {
+    async fn observe(&mut self) -> Seen {
+        let now = std::time::Instant::now();
+        let held = self.grant.borrow().as_ref().map(|g| Held {
+            epoch: g.epoch,
+            deadline: g.deadline.into_std(),
+        });
+        let cluster = match self.cluster.get().await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::debug!(continuum = %self.key, error = %e, "Cluster not readable");
+                None
+            }
+        };
+        let db = cluster.as_ref().map(|c| cnpg::observe(c, &self.names));
+        let view = match self.quorum.read_majority(&self.lease).await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::debug!(continuum = %self.key, error = %e, "no majority view");
+                None
+            }
+        };
+        if held.is_none_or(|h| now >= h.deadline) {
+            self.recorded = None;
+        }
+        Seen {
+            db,
+            cluster,
+            view,
+            held,
+        }
+    }
+
+    fn decide(&self, seen: &Seen, mode: FailoverMode, policy: SyncPolicySpec) -> Action {
+        failover::decide(&Observation {
+            now: std::time::Instant::now(),
+            region: &self.names.region,
+            peer: &self.names.peer,
+            mode: match mode {
+                FailoverMode::Automatic => Mode::Automatic,
+                FailoverMode::Manual => Mode::Manual,
+            },
+            policy: match policy {
+                SyncPolicySpec::Required => SyncPolicy::Required,
+                SyncPolicySpec::Preferred => SyncPolicy::Preferred,
+            },
+            held: seen.held,
+            view: seen.view.as_ref(),
+            db: seen.db.as_ref(),
+            recorded: self.recorded.as_ref(),
+        })
+    }
+
+    /// Applies one action; `Ok` carries a human-readable detail.
+    async fn apply(
+        &mut self,
+        action: &Action,
+        seen: &Seen,
+    ) -> Result<String, (&'static str, String)> {
+        let cnpg_err = |e: cnpg::CnpgError| (e.label(), e.to_string());
+        match action {
+            Action::Wait { reason } => Ok((*reason).to_string()),
+            Action::Fence { reason } => {
+                self.cluster.fence().await.map_err(cnpg_err)?;
+                Ok(format!("{reason}; {} set", cnpg::ANNOTATION_FENCED))
+            }
+            Action::Acquire { reason } => {
+                let g = self
+                    .quorum
+                    .acquire(&self.lease, &self.names.region, self.ttl)
+                    .await
+                    .map_err(|e| (e.label(), e.to_string()))?;
+                let epoch = g.epoch;
+                self.recorded = None;
+                if seen.db.as_ref().is_some_and(|d| !d.primary) {
+                    self.acquired_at = Some((Timestamp::now(), Instant::now()));
+                }
+                self.grant.send_replace(Some(g.clone()));
+                if let Some(old) = self.renewer.take() {
+                    old.abort();
+                }
+                self.renewer = Some(tokio::spawn(renewer(
+                    self.quorum.clone(),
+                    g,
+                    self.grant.clone(),
+                )));
+                Ok(format!("{reason}; holding epoch {epoch}"))
+            }
+            Action::Promote { epoch } => {
+                let Some(obj) = seen.cluster.as_ref() else {
+                    return Err(("cluster_not_found", "no Cluster observed".into()));
+                };
+                let now = Timestamp::now();
+                self.cluster
+                    .patch(&cnpg::promote_patch(obj, *epoch, &rfc3339(now)))
+                    .await
+                    .map_err(cnpg_err)?;
+                let (started, t0) = self.acquired_at.take().unwrap_or((now, Instant::now()));
+                let lsn = seen
+                    .view
+                    .as_ref()
+                    .and_then(|v| v.meta.as_ref())
+                    .and_then(|(_, m)| m.confirmed_lsn)
+                    .map(lsn_text);
+                self.last_failover = Some(LastFailover {
+                    started_at: Some(rfc3339(started)),
+                    completed_at: Some(rfc3339(Timestamp::now())),
+                    duration_ms: Some(t0.elapsed().as_millis() as u64),
+                    lsn_at_promotion: lsn.clone(),
+                    from_region: Some(self.names.peer.as_str().to_string()),
+                    to_region: Some(self.names.region.as_str().to_string()),
+                    epoch: Some(epoch.0),
+                });
+                Ok(format!(
+                    "promoted without a token (failover) at epoch {epoch}; spec.replica.primary={}; lsn_at_promotion={lsn:?}",
+                    self.names.local_cluster
+                ))
+            }
+            Action::Unfence { standby } => {
+                self.cluster
+                    .patch(&cnpg::unfence_patch(standby.as_ref(), &self.names))
+                    .await
+                    .map_err(cnpg_err)?;
+                Ok(format!("unfenced, requiring standby {standby:?}"))
+            }
+            Action::SetRequiredStandby { standby } => {
+                self.cluster
+                    .patch(&cnpg::set_standby_patch(standby.as_ref(), &self.names))
+                    .await
+                    .map_err(cnpg_err)?;
+                Ok(format!("now requiring standby {standby:?}"))
+            }
+            Action::RecordEpoch { epoch } => {
+                self.cluster.record_epoch(*epoch).await.map_err(cnpg_err)?;
+                Ok(format!(
+                    "epoch {epoch} recorded as {}",
+                    cnpg::ANNOTATION_EPOCH
+                ))
+            }
+            Action::UpdateMeta { sync_standby } => {
+                let grant = self.grant.borrow().clone();
+                let Some(grant) = grant else {
+                    return Err(("not_holding", "no grant to update metadata under".into()));
+                };
+                self.meta_seq += 1;
+                // CNPG does not expose the confirmed LSN on the Cluster.
+                let meta = LeaseMeta {
+                    sync_standby: sync_standby.clone(),
+                    confirmed_lsn: None,
+                    seq: self.meta_seq,
+                };
+                self.quorum
+                    .update_meta(&grant, &meta)
+                    .await
+                    .map_err(|e| (e.label(), e.to_string()))?;
+                self.recorded = Some(meta);
+                Ok(format!(
+                    "witnesses record synchronous standby {sync_standby:?} at epoch {}",
+                    grant.epoch
+                ))
+            }
+        }
+    }
+}
+
+fn condition(
+    old: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_string();
+    let last = old
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| rfc3339(Timestamp::now()));
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        last_transition_time: last,
+        observed_generation: generation,
+    }
+}
+
+fn pascal(label: &str) -> String {
+    label
+        .split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The status this region's agent reports for what it saw.
+fn status_for(
+    cr: &Continuum,
+    region: &HolderId,
+    seen: &Seen,
+    last_failover: Option<LastFailover>,
+    decision: (&str, &str),
+) -> ContinuumStatus {
+    let old = cr.status.clone().unwrap_or_default();
+    let now = std::time::Instant::now();
+    let held = seen.held.filter(|h| now < h.deadline);
+    let primary_region = match (&held, &seen.view) {
+        (Some(_), _) => Some(region.as_str().to_string()),
+        (None, Some(v)) if !v.expired_at_majority => {
+            v.holder.as_ref().map(|(h, _)| h.as_str().to_string())
+        }
+        _ => None,
+    };
+    let epoch = seen
+        .view
+        .as_ref()
+        .map(|v| v.max_epoch.0)
+        .into_iter()
+        .chain(held.map(|h| h.epoch.0))
+        .max();
+    let phase = match &seen.db {
+        None => "Unknown",
+        Some(d) if d.primary && d.fenced => "Fenced",
+        Some(d) if d.primary => "Primary",
+        Some(_) => "Standby",
+    };
+    let g = cr.metadata.generation;
+    let fenced = seen.db.as_ref().is_some_and(|d| d.fenced);
+    ContinuumStatus {
+        primary_region,
+        epoch: epoch.or(old.epoch),
+        phase: Some(phase.into()),
+        observed_by: Some(region.as_str().to_string()),
+        observed_generation: g,
+        last_failover: last_failover.or(old.last_failover.clone()),
+        conditions: vec![
+            condition(
+                &old.conditions,
+                "LeaseHeld",
+                held.is_some(),
+                if held.is_some() {
+                    "Holding"
+                } else {
+                    "NotHolding"
+                },
+                held.map_or_else(String::new, |h| format!("epoch {}", h.epoch)),
+                g,
+            ),
+            condition(
+                &old.conditions,
+                "Fenced",
+                fenced,
+                if fenced {
+                    "FencedInstances"
+                } else {
+                    "NotFenced"
+                },
+                String::new(),
+                g,
+            ),
+            condition(
+                &old.conditions,
+                "Decision",
+                true,
+                &pascal(decision.0),
+                decision.1.to_string(),
+                g,
+            ),
+        ],
+    }
+}
+
+/// Most actions one reconcile applies back to back (acquire, promote,
+/// record, ...): RTO is made of these steps, so they do not wait a tick.
+const MAX_STEPS: usize = 8;
+
+/// observe -> decide -> apply (repeated while there is something to do),
+/// then report status.
+pub async fn reconcile_once(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
+    let runner = runner_for(ctx, cr).await?;
+    let mut r = runner.lock().await;
+    let oref = cr.object_ref(&());
+    let key = r.key.clone();
+    let mut seen = r.observe().await;
+    let mut decision = ("wait".to_string(), String::new());
+    for _ in 0..MAX_STEPS {
+        let action = r.decide(&seen, cr.spec.mode, cr.spec.sync_policy);
+        let label = action.label();
+        if let Action::Wait { reason } = &action {
+            if r.last_reason != *reason {
+                tracing::info!(continuum = %key, action = "wait", reason, "waiting");
+                r.last_reason = reason.to_string();
+            }
+            decision = ("wait".into(), reason.to_string());
+            break;
+        }
+        r.last_reason.clear();
+        let t0 = Instant::now();
+        let result = r.apply(&action, &seen).await;
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        match result {
+            Ok(detail) => {
+                ctx.metrics.actions.with_label_values(&[label, "ok"]).inc();
+                tracing::info!(continuum = %key, action = label, ?action, took_ms = ms, detail = %detail, "failover action applied");
+                publish(
+                    ctx,
+                    &oref,
+                    matches!(action, Action::Fence { .. }),
+                    event_reason(&action),
+                    detail.clone(),
+                )
+                .await;
+                decision = (label.to_string(), detail);
+            }
+            Err((err_label, e)) => {
+                ctx.metrics
+                    .actions
+                    .with_label_values(&[label, "failed"])
+                    .inc();
+                ctx.metrics
+                    .action_errors
+                    .with_label_values(&[label, err_label])
+                    .inc();
+                tracing::warn!(continuum = %key, action = label, ?action, took_ms = ms, error = %e, "failover action failed; will decide again");
+                publish(
+                    ctx,
+                    &oref,
+                    true,
+                    "ActionFailed",
+                    format!("{label} failed ({err_label}): {e}"),
+                )
+                .await;
+                decision = (format!("{label}_failed"), e);
+                break;
+            }
+        }
+        seen = r.observe().await;
+    }
+    let now = std::time::Instant::now();
+    let held = seen.held.filter(|h| now < h.deadline);
+    let m = &ctx.metrics;
+    m.lease_held
+        .with_label_values(&[&key])
+        .set(i64::from(held.is_some()));
+    if let Some(v) = &seen.view {
+        m.epoch.with_label_values(&[&key]).set(v.max_epoch.0 as i64);
+    }
+    if let Some(d) = &seen.db {
+        m.primary
+            .with_label_values(&[&key])
+            .set(i64::from(d.primary));
+        m.fenced.with_label_values(&[&key]).set(i64::from(d.fenced));
+    }
+    let status = status_for(
+        cr,
+        &ctx.cfg.region,
+        &seen,
+        r.last_failover.clone(),
+        (&decision.0, &decision.1),
+    );
+    drop(r);
+    if cr.status.as_ref() != Some(&status) {
+        let api: Api<Continuum> = Api::namespaced(
+            ctx.client.clone(),
+            &cr.namespace().unwrap_or_else(|| "default".into()),
+        );
+        api.patch_status(
+            &cr.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .await
+        .map_err(Error::Status)?;
+    }
+    Ok(())
+}
+
+async fn reconcile(cr: Arc<Continuum>, ctx: Arc<Ctx>) -> Result<Requeue, Error> {
+    reconcile_once(&cr, &ctx).await?;
+    Ok(Requeue::requeue(ctx.cfg.tick))
+}
+
+fn error_policy(cr: Arc<Continuum>, err: &Error, ctx: Arc<Ctx>) -> Requeue {
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[err.label()])
+        .inc();
+    tracing::warn!(continuum = %cr.name_any(), error = %err, label = err.label(), "reconcile failed; retrying");
+    // Spec errors need an edit; anything else is retried at the tick.
+    match err {
+        Error::Spec(_) => Requeue::requeue(Duration::from_secs(30)),
+        _ => Requeue::requeue(ctx.cfg.tick.max(Duration::from_millis(500))),
+    }
+}
+
+/// Runs the controller until the stream ends (or the task is aborted on
+/// losing leadership; call [`Ctx::stop_all`] then).
+pub async fn run(ctx: Arc<Ctx>) {
+    let api: Api<Continuum> = Api::all(ctx.client.clone());
+    Controller::new(api, watcher::Config::default())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
+}

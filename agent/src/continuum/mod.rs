@@ -1,0 +1,204 @@
+//! Kubernetes side of failover: the `Continuum` custom resource, the
+//! CloudNativePG back-end and the controller that drives it
+//! (`continuum-agent continuum`), leader-elected like the other
+//! Deployment-mode controllers.
+
+pub mod cnpg;
+pub mod controller;
+pub mod crd;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use continuum_shared::lease::HolderId;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
+use kube::Client;
+use prometheus::{IntGauge, Registry};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::health::{self, HealthState};
+use crate::hr_recovery::guardrail::Guardrail;
+use crate::leader::{self, LeaderConfig};
+use controller::{ControllerConfig, Ctx, Metrics};
+
+/// `continuum-agent continuum`: fail CNPG Clusters over between regions as
+/// the `Continuum` resources of this cluster describe.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ContinuumArgs {
+    /// This region's id: one of each Continuum's `spec.regions[].name`.
+    #[arg(long, env = "CONTINUUM_REGION")]
+    pub region: String,
+    /// Decision period per Continuum, milliseconds.
+    #[arg(long, env = "CONTINUUM_TICK_MS", default_value_t = 100)]
+    pub tick_ms: u64,
+    /// Largest clock-rate difference to any witness (fraction).
+    #[arg(long, env = "CONTINUUM_MAX_DRIFT", default_value_t = 0.01)]
+    pub max_drift: f64,
+    /// Safety margin subtracted from every lease deadline, milliseconds.
+    #[arg(long, env = "CONTINUUM_MARGIN_MS", default_value_t = 200)]
+    pub margin_ms: u64,
+    /// Namespace of the leader-election Lease.
+    #[arg(
+        long,
+        env = "CONTINUUM_LEASE_NAMESPACE",
+        default_value = "continuum-system"
+    )]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "CONTINUUM_LEADER_LEASE",
+        default_value = "continuum-failover"
+    )]
+    pub leader_lease: String,
+    /// Leader-election identity (defaults to the pod name from HOSTNAME).
+    #[arg(long, env = "CONTINUUM_IDENTITY")]
+    pub identity: Option<String>,
+    /// Leader Lease duration, seconds.
+    #[arg(long, env = "CONTINUUM_LEADER_LEASE_SECONDS", default_value_t = 15)]
+    pub leader_lease_seconds: u64,
+    /// Plain HTTP port for /metrics, /healthz, /readyz.
+    #[arg(long, env = "CONTINUUM_HEALTH_LISTEN", default_value = "0.0.0.0:9465")]
+    pub health_listen: SocketAddr,
+}
+
+/// Options of a running Continuum controller (tests build these directly).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub controller: ControllerConfig,
+    pub health_addr: SocketAddr,
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub identity: String,
+    pub lease_duration: Duration,
+}
+
+/// A running controller with its health port and leader election; every
+/// task stops when dropped (the fence guards of held leases excepted: they
+/// fence at the last deadline).
+pub struct ContinuumAgent {
+    pub health_addr: SocketAddr,
+    pub leading: watch::Receiver<bool>,
+    pub registry: Registry,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for ContinuumAgent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl ContinuumAgent {
+    pub async fn start(client: Client, opts: Options) -> anyhow::Result<Self> {
+        let registry = Registry::new();
+        let metrics = Metrics::new(&registry)?;
+        let leader_gauge = IntGauge::new(
+            "continuum_failover_controller_leader",
+            "1 while this instance holds the failover controller's leader Lease",
+        )?;
+        registry.register(Box::new(leader_gauge.clone()))?;
+        let (health_addr, health_task) = health::serve(
+            opts.health_addr,
+            HealthState {
+                registry: registry.clone(),
+                // This controller has no recovery guardrail; readiness only.
+                guard: Arc::new(Mutex::new(Guardrail::new(
+                    usize::MAX,
+                    Duration::from_secs(3600),
+                ))),
+            },
+        )
+        .await?;
+        let (leading_tx, leading_rx) = watch::channel(false);
+        let (lease_tx, _lease_rx) = watch::channel::<Option<Lease>>(None);
+        let leases: Api<Lease> = Api::namespaced(client.clone(), &opts.lease_namespace);
+        let lcfg = LeaderConfig::new(
+            &opts.lease_namespace,
+            &opts.lease_name,
+            &opts.identity,
+            opts.lease_duration,
+        );
+        let leader_task = tokio::spawn(leader::run(leases, lcfg, leading_tx, lease_tx));
+        let ctx = Arc::new(Ctx::new(client, opts.controller.clone(), metrics));
+        let mut leading = leading_rx.clone();
+        let supervisor = tokio::spawn(async move {
+            loop {
+                while !*leading.borrow_and_update() {
+                    if leading.changed().await.is_err() {
+                        return;
+                    }
+                }
+                leader_gauge.set(1);
+                let ctl = tokio::spawn(controller::run(ctx.clone()));
+                while *leading.borrow_and_update() {
+                    if leading.changed().await.is_err() {
+                        break;
+                    }
+                }
+                ctl.abort();
+                // Stop renewing: the next leader must not find this
+                // instance still holding leases it no longer watches.
+                ctx.stop_all().await;
+                leader_gauge.set(0);
+                tracing::info!("lost leadership: Continuum controller stopped");
+            }
+        });
+        Ok(Self {
+            health_addr,
+            leading: leading_rx,
+            registry,
+            tasks: vec![health_task, leader_task, supervisor],
+        })
+    }
+}
+
+/// Entry point of `continuum-agent continuum`.
+pub fn run(args: ContinuumArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(async move {
+        let region = HolderId::new(args.region.clone()).context("--region")?;
+        let identity = args
+            .identity
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| format!("continuum-{region}"));
+        let client = Client::try_default()
+            .await
+            .context("Kubernetes client")?;
+        let opts = Options {
+            controller: ControllerConfig {
+                region,
+                tick: Duration::from_millis(args.tick_ms.max(10)),
+                max_drift: args.max_drift,
+                margin: Duration::from_millis(args.margin_ms),
+                instance: identity.clone(),
+            },
+            health_addr: args.health_listen,
+            lease_namespace: args.lease_namespace.clone(),
+            lease_name: args.leader_lease.clone(),
+            identity,
+            lease_duration: Duration::from_secs(args.leader_lease_seconds.max(2)),
+        };
+        let agent = ContinuumAgent::start(client, opts).await?;
+        tracing::info!(health = %agent.health_addr, region = %args.region, "Continuum controller running");
+        tokio::signal::ctrl_c().await.context("signal")?;
+        Ok(())
+    })
+}
+
+/// Entry point of `continuum-agent crds`.
+pub fn print_crds() -> anyhow::Result<()> {
+    print!("{}", crd::crd_yaml().context("serialize CRD")?);
+    Ok(())
+}

@@ -1,0 +1,548 @@
+//! The Continuum controller against two strict test API servers (one per
+//! region, each its own Kubernetes cluster) loaded with
+//! manifests/rbac/continuum-controller.yaml, and three real witnesses over
+//! HTTPS. Region a's CNPG Cluster starts primary, b's is a replica cluster
+//! of it; killing a's agent (its whole runtime: region death) must promote
+//! b exactly once, and a's Cluster must be fenced and stay fenced when its
+//! agent returns.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use continuum_agent::continuum::controller::ControllerConfig;
+use continuum_agent::continuum::{cnpg, ContinuumAgent, Options};
+use continuum_shared::lease::HolderId;
+use continuum_testapi::{ResourceSpec, TestApi};
+use continuum_tests::pki::Pki;
+use continuum_tests::witness_proc::{WitnessOpts, WitnessProc};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::{json, Value};
+
+const NS: &str = "db";
+const GROUP: &str = "dr.openova.io";
+
+fn role_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/rbac/continuum-controller.yaml")
+}
+
+fn continuum_ar() -> kube::core::ApiResource {
+    kube::core::ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk(GROUP, "v1", "Continuum"),
+        "continuums",
+    )
+}
+
+/// One region: its cluster (test API server) and, while alive, its agent
+/// running in a runtime of its own (shut down = region death).
+struct Region {
+    name: &'static str,
+    api: TestApi,
+    rt: Option<tokio::runtime::Runtime>,
+    registry: Option<prometheus::Registry>,
+}
+
+impl Region {
+    async fn new(name: &'static str, pki: &Pki, cluster_spec: Value, spec: &Value) -> Region {
+        let rules = continuum_testapi::rbac::rules_from_file(&role_path()).unwrap();
+        let api = TestApi::start_with(continuum_testapi::Options {
+            rules: Some(rules),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        api.register(ResourceSpec::new(
+            GROUP,
+            "v1",
+            "continuums",
+            "Continuum",
+            true,
+            true,
+        ));
+        api.register(ResourceSpec::new(
+            cnpg::GROUP,
+            cnpg::VERSION,
+            cnpg::PLURAL,
+            cnpg::KIND,
+            true,
+            true,
+        ));
+        let admin = api.admin_client().unwrap();
+        let b64 = |s: &str| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(s)
+        };
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), NS);
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": "witness-tls", "namespace": NS},
+                    "data": {"ca.crt": b64(&pki.ca_pem), "tls.crt": b64(&pki.client.cert_pem), "tls.key": b64(&pki.client.key_pem)},
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        let clusters = cnpg::cluster_api(admin.clone(), NS);
+        let cname = format!("pg-{name}");
+        clusters
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "apiVersion": "postgresql.cnpg.io/v1", "kind": "Cluster",
+                    "metadata": {"name": cname, "namespace": NS},
+                    "spec": cluster_spec,
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        clusters
+            .patch_status(
+                &cname,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    &json!({"status": {"currentPrimary": format!("{cname}-1"), "instances": 3}}),
+                ),
+            )
+            .await
+            .unwrap();
+        let cts: Api<DynamicObject> = Api::namespaced_with(admin, NS, &continuum_ar());
+        cts.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "dr.openova.io/v1", "kind": "Continuum",
+                "metadata": {"name": "app", "namespace": NS},
+                "spec": spec,
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        Region {
+            name,
+            api,
+            rt: None,
+            registry: None,
+        }
+    }
+
+    /// Starts this region's agent in a fresh runtime.
+    async fn start_agent(&mut self) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let cfg = self.api.config_for("agent").unwrap();
+        let region = self.name;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        rt.spawn(async move {
+            let client = kube::Client::try_from(cfg).unwrap();
+            let opts = Options {
+                controller: ControllerConfig {
+                    region: HolderId::new(region).unwrap(),
+                    tick: Duration::from_millis(50),
+                    max_drift: 0.01,
+                    margin: Duration::from_millis(200),
+                    instance: format!("agent-{region}"),
+                },
+                health_addr: "127.0.0.1:0".parse().unwrap(),
+                lease_namespace: "continuum-system".into(),
+                lease_name: "continuum-failover".into(),
+                identity: format!("agent-{region}"),
+                lease_duration: Duration::from_secs(2),
+            };
+            let agent = ContinuumAgent::start(client, opts).await.unwrap();
+            let _ = tx.send(agent.registry.clone());
+            std::future::pending::<()>().await;
+            drop(agent);
+        });
+        self.registry = Some(rx.await.unwrap());
+        self.rt = Some(rt);
+    }
+
+    /// Region death: every task of the agent stops at once (no fence on the
+    /// way out, no lease release).
+    fn kill_agent(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    fn cluster(&self) -> Value {
+        self.api
+            .object(cnpg::GROUP, cnpg::PLURAL, NS, &format!("pg-{}", self.name))
+            .unwrap()
+    }
+
+    fn status(&self) -> Value {
+        self.api
+            .object(GROUP, "continuums", NS, "app")
+            .unwrap()
+            .get("status")
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let Some(reg) = &self.registry else { return 0 };
+        reg.gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                })
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    fn assert_no_forbidden(&self) {
+        let denied: Vec<_> = self
+            .api
+            .requests()
+            .into_iter()
+            .filter(|r| r.code == 403)
+            .collect();
+        assert!(
+            denied.is_empty(),
+            "region {}: RBAC denied {denied:?}",
+            self.name
+        );
+    }
+}
+
+fn annotation(obj: &Value, key: &str) -> Option<String> {
+    obj["metadata"]["annotations"][key]
+        .as_str()
+        .map(String::from)
+}
+
+fn fenced(obj: &Value) -> bool {
+    annotation(obj, cnpg::ANNOTATION_FENCED).as_deref() == Some("[\"*\"]")
+}
+
+async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let end = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Setup {
+    a: Region,
+    b: Region,
+    _witnesses: Vec<WitnessProc>,
+}
+
+fn sync_on(peer: &str) -> Value {
+    json!({"synchronous": {"method": "first", "number": 1, "standbyNamesPre": [peer], "dataDurability": "required"}})
+}
+
+/// Three witnesses, two regions, both agents running; returns once a holds
+/// the lease, has recorded b as its synchronous standby, and b waits.
+async fn setup(mode: &str) -> Setup {
+    let pki = Arc::new(Pki::generate().unwrap());
+    let witnesses: Vec<WitnessProc> = (0..3)
+        .map(|_| WitnessProc::start(WitnessOpts::default().with_pki(pki.clone())).unwrap())
+        .collect();
+    let spec = json!({
+        "regions": [{"name": "a", "cnpg": {"name": "pg-a"}}, {"name": "b", "cnpg": {"name": "pg-b"}}],
+        "witnesses": {"urls": witnesses.iter().map(|w| w.api_url()).collect::<Vec<_>>(), "tlsSecretRef": {"name": "witness-tls"}},
+        "ttlSeconds": 1,
+        "mode": mode,
+        "syncPolicy": "preferred",
+    });
+    let mut a = Region::new(
+        "a",
+        &pki,
+        json!({"instances": 3, "replica": {"self": "pg-a", "primary": "pg-a", "source": "pg-b"}, "postgresql": sync_on("pg-b")}),
+        &spec,
+    )
+    .await;
+    let mut b = Region::new(
+        "b",
+        &pki,
+        json!({"instances": 3, "replica": {"self": "pg-b", "primary": "pg-a", "source": "pg-a"}, "postgresql": sync_on("pg-a")}),
+        &spec,
+    )
+    .await;
+    a.start_agent().await;
+    b.start_agent().await;
+    wait_for(
+        "a primary, holding epoch 1, b recorded",
+        Duration::from_secs(20),
+        || {
+            let s = a.status();
+            let c = a.cluster();
+            s["phase"] == "Primary"
+                && s["epoch"] == 1
+                && s["conditions"].as_array().into_iter().flatten().any(|c| {
+                    c["type"] == "Decision" && c["message"] == "primary: holding the lease"
+                })
+                && !fenced(&c)
+                && annotation(&c, cnpg::ANNOTATION_EPOCH).as_deref() == Some("1")
+        },
+    )
+    .await;
+    // a requires b synchronously (CNPG standbyNamesPre names b's Cluster).
+    assert_eq!(
+        a.cluster()["spec"]["postgresql"]["synchronous"]["standbyNamesPre"],
+        json!(["pg-b"])
+    );
+    wait_for("b sees a as primary", Duration::from_secs(10), || {
+        let s = b.status();
+        s["phase"] == "Standby" && s["primaryRegion"] == "a"
+    })
+    .await;
+    Setup {
+        a,
+        b,
+        _witnesses: witnesses,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_death_promotes_b_once_and_a_stays_fenced() {
+    let Setup {
+        mut a,
+        mut b,
+        _witnesses,
+    } = setup("automatic").await;
+    let a_before = a.cluster();
+    a.kill_agent();
+
+    wait_for("b promoted", Duration::from_secs(15), || {
+        b.cluster()["spec"]["replica"]["primary"] == "pg-b"
+    })
+    .await;
+    let c = b.cluster();
+    // Promotion without a token (failover), epoch recorded on the Cluster.
+    assert!(c["spec"]["replica"].get("promotionToken").is_none());
+    assert_eq!(annotation(&c, cnpg::ANNOTATION_EPOCH).as_deref(), Some("2"));
+    assert_eq!(
+        annotation(&c, cnpg::ANNOTATION_PEER_ATTACHED).as_deref(),
+        Some("false")
+    );
+    wait_for(
+        "b status records the failover",
+        Duration::from_secs(10),
+        || {
+            let s = b.status();
+            s["phase"] == "Primary"
+                && s["epoch"] == 2
+                && s["primaryRegion"] == "b"
+                && s["lastFailover"]["fromRegion"] == "a"
+                && s["lastFailover"]["toRegion"] == "b"
+                && s["lastFailover"]["epoch"] == 2
+        },
+    )
+    .await;
+    let lf = &b.status()["lastFailover"];
+    assert!(lf["startedAt"].is_string() && lf["completedAt"].is_string());
+    assert!(lf["durationMs"].is_u64());
+    // Preferred policy, peer gone: witnesses record "none" before b stops
+    // requiring a (its inherited standbyNamesPre named a).
+    wait_for(
+        "b drops the dead synchronous standby",
+        Duration::from_secs(10),
+        || {
+            b.cluster()["spec"]["postgresql"]
+                .get("synchronous")
+                .is_none()
+        },
+    )
+    .await;
+    assert_eq!(
+        b.metric(
+            "continuum_cnpg_failover_actions_total",
+            &[("action", "promote"), ("result", "ok")]
+        ),
+        1
+    );
+    assert_eq!(
+        b.metric(
+            "continuum_cnpg_failover_actions_total",
+            &[("action", "update_meta"), ("result", "ok")]
+        ),
+        1,
+        "one witness record (sync standby none) after the promotion"
+    );
+    let events = b.api.objects("events.k8s.io", "events");
+    assert!(
+        events.iter().any(|e| e["reason"] == "Promoted"),
+        "a Promoted Event on b: {events:?}"
+    );
+
+    // a's region comes back: its agent fences the old primary and it stays
+    // fenced (a newer epoch exists), its topology untouched.
+    assert!(
+        !fenced(&a.cluster()),
+        "region death left a's Cluster as it was"
+    );
+    a.start_agent().await;
+    wait_for("a fenced on return", Duration::from_secs(10), || {
+        fenced(&a.cluster())
+    })
+    .await;
+    wait_for("a status Fenced", Duration::from_secs(10), || {
+        let s = a.status();
+        s["phase"] == "Fenced" && s["primaryRegion"] == "b" && s["epoch"] == 2
+    })
+    .await;
+    // Even with b gone too (lease free), a does not resume: its epoch is behind.
+    b.kill_agent();
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let c = a.cluster();
+        assert!(fenced(&c), "a must stay fenced");
+        assert_eq!(c["spec"]["replica"], a_before["spec"]["replica"]);
+        assert_eq!(annotation(&c, cnpg::ANNOTATION_EPOCH).as_deref(), Some("1"));
+    }
+    assert_eq!(
+        a.metric(
+            "continuum_cnpg_failover_actions_total",
+            &[("action", "acquire"), ("result", "ok")]
+        ),
+        0
+    );
+    let reason = a.status()["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Decision")
+        .unwrap()["message"]
+        .clone();
+    assert_eq!(
+        reason,
+        "fenced: a newer epoch was granted; rejoin as a replica"
+    );
+    a.assert_no_forbidden();
+    b.assert_no_forbidden();
+    a.kill_agent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_mode_does_not_promote() {
+    let Setup {
+        mut a,
+        mut b,
+        _witnesses,
+    } = setup("manual").await;
+    a.kill_agent();
+    wait_for("b sees the lease expired", Duration::from_secs(10), || {
+        b.status()["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| {
+                c["type"] == "Decision"
+                    && c["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("manual mode"))
+            })
+    })
+    .await;
+    // Several TTLs later, still a replica cluster of a.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let c = b.cluster();
+    assert_eq!(c["spec"]["replica"]["primary"], "pg-a");
+    assert_eq!(annotation(&c, cnpg::ANNOTATION_EPOCH), None);
+    assert_eq!(b.status()["phase"], "Standby");
+    assert!(b.status().get("lastFailover").is_none());
+    assert_eq!(
+        b.metric(
+            "continuum_cnpg_failover_actions_total",
+            &[("action", "acquire"), ("result", "ok")]
+        ),
+        0
+    );
+    b.assert_no_forbidden();
+    b.kill_agent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_cluster_patches_are_retried_and_promote_once() {
+    let Setup {
+        mut a,
+        mut b,
+        _witnesses,
+    } = setup("automatic").await;
+    // b's first three Cluster patches (the promotion) fail: 503, 503, 409.
+    b.api
+        .fail_next(Some("patch"), Some("clusters"), None, 2, 503);
+    b.api
+        .fail_next(Some("patch"), Some("clusters"), None, 1, 409);
+    a.kill_agent();
+    wait_for(
+        "b promoted despite the faults",
+        Duration::from_secs(15),
+        || b.cluster()["spec"]["replica"]["primary"] == "pg-b",
+    )
+    .await;
+    assert_eq!(
+        annotation(&b.cluster(), cnpg::ANNOTATION_EPOCH).as_deref(),
+        Some("2")
+    );
+    wait_for("status written", Duration::from_secs(10), || {
+        b.status()["phase"] == "Primary"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        b.metric(
+            "continuum_cnpg_failover_actions_total",
+            &[("action", "promote"), ("result", "failed")]
+        ),
+        3
+    );
+    assert_eq!(
+        b.metric(
+            "continuum_cnpg_failover_action_errors_total",
+            &[("action", "promote"), ("error", "server_error")]
+        ),
+        2
+    );
+    assert_eq!(
+        b.metric(
+            "continuum_cnpg_failover_action_errors_total",
+            &[("action", "promote"), ("error", "conflict")]
+        ),
+        1
+    );
+    assert_eq!(
+        b.metric(
+            "continuum_cnpg_failover_actions_total",
+            &[("action", "promote"), ("result", "ok")]
+        ),
+        1
+    );
+    // The lease was taken once: the retries re-decided Promote under the same epoch.
+    assert_eq!(
+        b.metric(
+            "continuum_cnpg_failover_actions_total",
+            &[("action", "acquire"), ("result", "ok")]
+        ),
+        1
+    );
+    let promotes: Vec<_> = b
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.verb == "patch" && r.resource == "clusters" && r.code == 200)
+        .collect();
+    assert!(!promotes.is_empty());
+    b.assert_no_forbidden();
+    b.kill_agent();
+}
