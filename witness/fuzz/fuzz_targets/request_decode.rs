@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
         let at = now + Duration::from_millis(step * 250);
         let before = rec.clone();
         let d = decide(&rec, &req, at);
-        assert!(d.record.max_epoch >= before.max_epoch, "max_epoch went back");
+        assert!(
+            d.record.max_epoch >= before.max_epoch,
+            "max_epoch went back"
+        );
         if d.effect == Effect::None {
             assert_eq!(d.record, before, "a refusal or read changed state");
         }
