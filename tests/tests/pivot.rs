@@ -301,7 +301,17 @@ async fn node_pivot_flips_v1_v2_v1_and_reports() {
     assert_eq!(node_annotation(&s, node, np::ANNOTATION_VERSION), None);
 
     // v2.
+    let flipped = std::time::Instant::now();
     set_key(&s, ns, "v2").await;
+    wait_for("v2 on disk", || {
+        std::fs::read_to_string(&target).ok().as_deref() == Some(v2.as_str())
+    })
+    .await;
+    // A figure for the report only (no timing assertions in tests).
+    eprintln!(
+        "node pivot: status key flip -> v2 on disk in {} ms",
+        flipped.elapsed().as_millis()
+    );
     wait_for("v2 on disk and reported", || {
         std::fs::read_to_string(&target).ok().as_deref() == Some(v2.as_str())
             && node_annotation(&s, node, np::ANNOTATION_VERSION).as_deref() == Some("v2")
@@ -556,6 +566,18 @@ async fn source_watch_reports_external_and_reverted_urls() {
         })
     })
     .await;
+    // The same document over HTTP.
+    let (addr, task) = sw::serve_status(
+        "127.0.0.1:0".parse().unwrap(),
+        std::sync::Arc::new(watch.status_fn()),
+    )
+    .await
+    .unwrap();
+    let body = http_get(addr, "/status").await;
+    let json_start = body.find('{').unwrap();
+    let doc: Value = serde_json::from_str(body[json_start..].trim()).unwrap();
+    assert_eq!(doc["reverted"][0]["currentUrl"], "oci://ghcr.io/openova-io");
+    task.abort();
     let denied: Vec<_> = s.requests().into_iter().filter(|r| r.code == 403).collect();
     assert!(denied.is_empty(), "403s: {denied:?}");
     drop(watch);

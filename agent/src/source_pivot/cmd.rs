@@ -15,6 +15,32 @@ pub enum PivotCommand {
     /// Rewrite Flux source URLs in Git (clone, edit, commit, push), then ask Flux
     /// to reconcile the GitRepository. Git first, so the cluster never reverts it.
     Sources(SourcesArgs),
+    /// Watch HelmRepository/OCIRepository/GitRepository objects and report URLs outside the
+    /// Sovereign and pivots that reverted (metrics on --health-addr, JSON on --status-addr/status).
+    WatchSources(WatchSourcesArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchSourcesArgs {
+    #[command(flatten)]
+    pub kube: KubeArgs,
+    /// Hosts inside the Sovereign (comma-separated): `harbor.x.y` exact, `.x.y` any subdomain.
+    #[arg(
+        long,
+        env = "CONTINUUM_LOCAL_HOSTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub local_hosts: Vec<String>,
+    /// Address of /metrics, /healthz, /readyz.
+    #[arg(long, env = "CONTINUUM_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
+    pub health_addr: std::net::SocketAddr,
+    /// Address serving the JSON status at /status.
+    #[arg(long, env = "CONTINUUM_STATUS_ADDR", default_value = "0.0.0.0:8081")]
+    pub status_addr: std::net::SocketAddr,
+    /// Instance name in Events (default: $POD_NAME).
+    #[arg(long, env = "POD_NAME", default_value = "continuum-agent")]
+    pub instance: String,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -72,6 +98,7 @@ pub struct SourcesArgs {
 pub fn run(args: PivotArgs) -> anyhow::Result<()> {
     match args.command {
         PivotCommand::Sources(a) => sources(a),
+        PivotCommand::WatchSources(a) => watch_sources(a),
     }
 }
 
@@ -123,6 +150,41 @@ fn sources(a: SourcesArgs) -> anyhow::Result<()> {
             git::request_reconcile(client, ns, name, &at).await?;
             tracing::info!(gitrepository = %a.gitrepository, requested_at = %at, "requested Flux reconcile");
             println!("requested reconcile of GitRepository {}", a.gitrepository);
+            anyhow::Ok(())
+        })
+}
+
+fn watch_sources(a: WatchSourcesArgs) -> anyhow::Result<()> {
+    use std::sync::{Arc, Mutex};
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async move {
+            let client = a.kube.client().await?;
+            let registry = prometheus::Registry::new();
+            let metrics = super::watch::Metrics::new(&registry)?;
+            let guard = Arc::new(Mutex::new(crate::hr_recovery::guardrail::Guardrail::new(
+                usize::MAX,
+                std::time::Duration::from_secs(3600),
+            )));
+            let (health, health_task) = crate::health::serve(
+                a.health_addr,
+                crate::health::HealthState { registry, guard },
+            )
+            .await?;
+            let watch = super::watch::SourceWatch::start(
+                client,
+                super::LocalHosts(a.local_hosts.clone()),
+                metrics,
+                a.instance.clone(),
+            );
+            let (status, status_task) =
+                super::watch::serve_status(a.status_addr, Arc::new(watch.status_fn())).await?;
+            tracing::info!(health = %health, status = %status, "source pivot watcher running");
+            tokio::signal::ctrl_c().await?;
+            health_task.abort();
+            status_task.abort();
+            drop(watch);
             anyhow::Ok(())
         })
 }
