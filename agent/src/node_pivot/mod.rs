@@ -7,8 +7,8 @@
 //! - `v2`: rendered from the declared mirror map ([`render`]) and written
 //!   atomically ([`writer`]).
 //! - `v1`: the declared v1 file (`--v1-file`) if given, else the pre-pivot
-//!   snapshot `registries.yaml.continuum-v1` taken just before the first v2
-//!   write (an empty snapshot means "there was no file": v1 removes it).
+//!   snapshot `registries.yaml.continuum-v1`, refreshed on every v1 -> v2 flip
+//!   (an empty snapshot means "there was no file": v1 removes it).
 //! - empty or missing key: the cutover has not started; nothing is touched.
 //! - anything else: an error is reported and nothing is written.
 //!
@@ -147,14 +147,20 @@ pub fn read_secret_dir(
 pub fn apply(paths: &Paths, target: Target, v2: &str) -> Result<WriteOutcome, PivotError> {
     match target {
         Target::V2 => {
-            let snap = paths.snapshot();
-            if paths.v1_file.is_none() && !snap.exists() {
+            if paths.v1_file.is_none() {
+                // Whatever is there and is not our own render is the current v1
+                // (refreshed on every v1 -> v2 flip, so edits made while at v1 survive).
                 let current = writer::read_current(&paths.target)?;
-                // Our own v2 is never taken as v1 (e.g. a snapshot lost by hand).
-                let original = current
-                    .filter(|c| !c.starts_with(render::HEADER.as_bytes()))
-                    .unwrap_or_default();
-                writer::replace_atomic(&snap, &original)?;
+                let ours = current
+                    .as_deref()
+                    .is_some_and(|c| c.starts_with(render::HEADER.as_bytes()));
+                if !ours {
+                    let original = current.unwrap_or_default();
+                    let snap = paths.snapshot();
+                    if writer::read_current(&snap)?.as_deref() != Some(original.as_slice()) {
+                        writer::replace_atomic(&snap, &original)?;
+                    }
+                }
             }
             Ok(writer::write_with_backup(&paths.target, v2.as_bytes())?)
         }
@@ -248,5 +254,37 @@ mod tests {
             std::fs::read(&paths.target).unwrap(),
             b"mirrors: {docker.io: {endpoint: [https://harbor.openova.io]}}\n"
         );
+        // An edit made while at v1 is the v1 restored after the next round trip.
+        std::fs::write(&paths.target, b"mirrors: {}\n").unwrap();
+        apply(&paths, Target::V2, &v2).unwrap();
+        assert_eq!(std::fs::read(&paths.target).unwrap(), v2.as_bytes());
+        apply(&paths, Target::V1, &v2).unwrap();
+        assert_eq!(std::fs::read(&paths.target).unwrap(), b"mirrors: {}\n");
+    }
+
+    #[test]
+    fn declared_v1_file_wins_and_lost_snapshot_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        let declared = d.path().join("v1.yaml");
+        std::fs::write(&declared, b"mirrors: {}\n").unwrap();
+        let paths = Paths {
+            target: d.path().join("registries.yaml"),
+            v1_file: Some(declared),
+        };
+        let v2 = format!("{}mirrors: {{}}\n", render::HEADER);
+        std::fs::write(&paths.target, b"something else\n").unwrap();
+        apply(&paths, Target::V2, &v2).unwrap();
+        assert!(!paths.snapshot().exists());
+        apply(&paths, Target::V1, &v2).unwrap();
+        assert_eq!(std::fs::read(&paths.target).unwrap(), b"mirrors: {}\n");
+        // Our v2 on disk, no declared v1 and no snapshot: refuse rather than guess.
+        let paths = Paths {
+            target: paths.target.clone(),
+            v1_file: None,
+        };
+        std::fs::write(&paths.target, v2.as_bytes()).unwrap();
+        let e = apply(&paths, Target::V1, &v2).unwrap_err();
+        assert_eq!(e.label(), "no_v1");
+        assert_eq!(std::fs::read(&paths.target).unwrap(), v2.as_bytes());
     }
 }
