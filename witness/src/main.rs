@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the lease API (HTTPS) and the health port (HTTP).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a WireGuard key pair for the control link and print the public key.
     Keygen(KeygenArgs),
 }
@@ -58,7 +58,7 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(continuum_witness::serve::serve(args)))
+                .and_then(|rt| rt.block_on(continuum_witness::serve::serve(*args)))
         }
         Command::Keygen(args) => continuum_shared::link::keys::keygen(
             args.out_dir.as_deref(),
