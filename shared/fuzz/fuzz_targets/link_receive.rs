@@ -46,8 +46,12 @@ fn pump(p: &mut Pair, mut out_a: Vec<Output>, mut out_b: Vec<Output>) {
 }
 
 fn setup() -> Pair {
-    let ka: PrivateKey = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=".parse().unwrap();
-    let kb: PrivateKey = "QPsw3gsJ0alY0UwKWq4pWeVNzxF3tqj8ooWLbSmHE2s=".parse().unwrap();
+    let ka: PrivateKey = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk="
+        .parse()
+        .unwrap();
+    let kb: PrivateKey = "QPsw3gsJ0alY0UwKWq4pWeVNzxF3tqj8ooWLbSmHE2s="
+        .parse()
+        .unwrap();
     let a_addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
     let b_addr: SocketAddr = "127.0.0.1:2".parse().unwrap();
     let mut ca = LinkConfig::new(ka.clone(), a_addr, VIP_A);
