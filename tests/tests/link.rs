@@ -25,6 +25,7 @@ struct Node {
     ep: LinkEndpoint,
     rx: Receiver<Inbound>,
     key: PublicKey,
+    private: PrivateKey,
     registry: Registry,
 }
 
@@ -54,12 +55,14 @@ async fn pair(extra_on_b: Vec<PeerConfig>) -> (Node, Node) {
             ep: ea,
             rx: rxa,
             key: ka.public_key(),
+            private: ka.clone(),
             registry: ra,
         },
         Node {
             ep: eb,
             rx: rxb,
             key: kb.public_key(),
+            private: kb.clone(),
             registry: rb,
         },
     )
@@ -320,11 +323,39 @@ async fn dead_peer_becomes_unreachable() {
     );
     let state = || health.lock().expect("lock").peer_state("b");
     eventually("b healthy", || state() == Some(PeerState::Healthy)).await;
-    drop(b);
+    let (b_addr, b_registry) = (b.ep.local_addr(), b.registry);
+    drop(b.ep);
     eventually("b unreachable", || state() == Some(PeerState::Unreachable)).await;
     let doc: serde_json::Value =
         serde_json::from_str(&health.lock().expect("lock").render_status_json()).expect("json");
     assert_eq!(doc["peers"][0]["state"], "unreachable");
+    drop(b_registry);
+
+    // B restarts with the same key and address but no session and no idea
+    // where A is: A notices the silence and handshakes again by itself.
+    let mut cb = LinkConfig::new(b.private, b_addr, VIP_B);
+    let mut pa = PeerConfig::new(a.key, VIP_A);
+    pa.name = "a".into();
+    cb.peers.push(pa);
+    let mut rebound = None;
+    for _ in 0..50 {
+        // The old socket closes once its aborted tasks are gone.
+        match LinkEndpoint::bind(cb.clone(), &Registry::new()).await {
+            Ok(ep) => {
+                rebound = Some(ep);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let _b2 = rebound.expect("b rebinds its address");
+    // Reachable again at once; Degraded (not Healthy) until the heartbeats
+    // lost during the outage leave the 10 s loss window.
+    eventually("b reachable again", || {
+        matches!(state(), Some(PeerState::Degraded | PeerState::Healthy))
+    })
+    .await;
+    assert!(ep.metrics().handshake_count("b") >= 2, "a new handshake");
     task.abort();
 }
 

@@ -32,6 +32,14 @@ pub const HANDSHAKE_RATE_LIMIT: u64 = 50;
 pub const HEARTBEAT_WINDOW: usize = 50;
 /// A heartbeat unanswered for this long counts as lost.
 pub const HEARTBEAT_ANSWER_WITHIN: Duration = Duration::from_millis(1000);
+/// Heartbeats unanswered this long while a session exists: the peer may have
+/// restarted and lost its session, so start a new handshake rather than wait
+/// for boringtun's KEEPALIVE + REKEY_TIMEOUT (15 s).
+pub const REHANDSHAKE_AFTER_SILENCE: Duration = Duration::from_secs(1);
+/// At most one such probe per this interval while the silence lasts (one
+/// 148-byte initiation per second to a dead peer; boringtun alone would
+/// retry every 5 s).
+pub const REHANDSHAKE_INTERVAL: Duration = Duration::from_secs(1);
 /// Scratch buffer: the largest UDP datagram plus WireGuard overhead.
 const BUF_LEN: usize = 65_536 + 64;
 
@@ -51,6 +59,10 @@ struct Peer {
     endpoint: Option<SocketAddr>,
     hb: HeartbeatTracker,
     handshakes: u64,
+    /// When we last started a handshake because heartbeats went unanswered.
+    last_probe: Option<Duration>,
+    /// When heartbeats started (silence is measured from here before any reply).
+    first_heartbeat: Option<Duration>,
 }
 
 /// The sans-I/O link state.
@@ -144,6 +156,8 @@ impl LinkCore {
                 endpoint: cfg.endpoint,
                 hb: HeartbeatTracker::new(HEARTBEAT_WINDOW, HEARTBEAT_ANSWER_WITHIN),
                 handshakes: 0,
+                last_probe: None,
+                first_heartbeat: None,
             });
         }
         Ok(LinkCore {
@@ -473,8 +487,28 @@ impl LinkCore {
                 continue;
             }
             let ping = self.peers[slot].hb.on_send(now).encode();
+            let first = *self.peers[slot].first_heartbeat.get_or_insert(now);
             if self.peers[slot].tunn.time_since_last_handshake().is_some() {
                 let _ = self.send_udp(slot, HEARTBEAT_PORT, HEARTBEAT_PORT, &ping, out);
+                let peer = &self.peers[slot];
+                let silence = peer
+                    .hb
+                    .since_last_reply(now)
+                    .unwrap_or_else(|| now.saturating_sub(first));
+                let probe_due = peer
+                    .last_probe
+                    .is_none_or(|t| now.saturating_sub(t) >= REHANDSHAKE_INTERVAL);
+                if silence >= REHANDSHAKE_AFTER_SILENCE && probe_due && peer.endpoint.is_some() {
+                    self.peers[slot].last_probe = Some(now);
+                    tracing::info!(peer = %self.peers[slot].label, silence_ms = silence.as_millis() as u64,
+                        "link: heartbeats unanswered; starting a new handshake");
+                    let step = own(self.peers[slot]
+                        .tunn
+                        .format_handshake_initiation(&mut self.buf, true));
+                    if let Step::Network(bytes) = step {
+                        self.send_to_peer(slot, bytes, out);
+                    }
+                }
             } else if self.peers[slot].endpoint.is_some() {
                 let step = own(self.peers[slot]
                     .tunn
