@@ -10,6 +10,8 @@ pub mod checker;
 pub mod drill;
 pub mod etcd_proc;
 pub mod faults;
+pub mod netns;
+pub mod partition;
 pub mod pdns_proc;
 pub mod pg_proc;
 pub mod pki;

@@ -186,6 +186,9 @@ struct Runner {
     /// Metadata stored at a majority during the current epoch.
     recorded: Option<LeaseMeta>,
     meta_seq: u64,
+    /// This process has held the lease (the unsafe no-fence test hook only
+    /// skips fences after that, so bootstrap still works).
+    held_once: bool,
     metrics: Metrics,
     status: Arc<Mutex<serde_json::Value>>,
 }
@@ -255,10 +258,25 @@ async fn run_async(args: FailoverArgs) -> anyhow::Result<()> {
         grant: grant_tx,
         recorded: None,
         meta_seq: 0,
+        held_once: false,
         metrics,
         status,
     };
     runner.run_loop().await
+}
+
+/// UNSAFE, debug builds only: `CONTINUUM_TEST_UNSAFE_NO_FENCE=1` skips every
+/// fence action, so the partition tests can show their checker catches a
+/// region that keeps acknowledging writes after losing the lease.
+#[cfg(debug_assertions)]
+fn unsafe_no_fence() -> bool {
+    std::env::var_os("CONTINUUM_TEST_UNSAFE_NO_FENCE").is_some_and(|v| v == "1")
+}
+
+/// Release builds never skip the fence.
+#[cfg(not(debug_assertions))]
+fn unsafe_no_fence() -> bool {
+    false
 }
 
 /// Fences the database the moment the held grant's deadline passes. Runs
@@ -282,7 +300,10 @@ async fn fence_guard(
                     _ = sleep_until(g.deadline) => {
                         // Still the same grant at its deadline: fence now.
                         let same = grant.borrow().as_ref().is_some_and(|c| c.deadline == g.deadline);
-                        if same {
+                        if same && unsafe_no_fence() {
+                            tracing::error!(action = "fence", reason = "lease deadline passed without renewal", epoch = %g.epoch, "UNSAFE test hook: fence skipped");
+                            if grant.changed().await.is_err() { return; }
+                        } else if same {
                             tracing::warn!(action = "fence", reason = "lease deadline passed without renewal", epoch = %g.epoch, "fencing the database");
                             metrics.actions.with_label_values(&["fence"]).inc();
                             if let Err(e) = pg::fence(&conninfo).await {
@@ -453,6 +474,11 @@ impl Runner {
         let bound = self.ttl.max(Duration::from_secs(2));
         match action {
             Action::Wait { reason } => Ok((*reason).to_string()),
+            Action::Fence { reason } if self.held_once && unsafe_no_fence() => {
+                // Do not spin: the loop would decide Fence again at once.
+                sleep(Duration::from_millis(self.args.tick_ms.max(10))).await;
+                Ok(format!("{reason}; UNSAFE test hook: fence skipped"))
+            }
             Action::Fence { reason } => {
                 let r = timed(bound, pg::fence(&conninfo)).await?.map_err(pg_err)?;
                 Ok(format!(
@@ -468,6 +494,7 @@ impl Runner {
                     .map_err(|e| (e.label(), e.to_string()))?;
                 let epoch = g.epoch;
                 self.recorded = None;
+                self.held_once = true;
                 self.grant.send_replace(Some(g.clone()));
                 tokio::spawn(renewer(self.client.clone(), g, self.grant.clone()));
                 Ok(format!("{reason}; holding epoch {epoch}"))
