@@ -31,7 +31,9 @@ use crate::witness_proc::{WitnessOpts, WitnessProc};
 
 /// Concurrent workers, the same for the witness and etcd.
 const WORKERS: usize = 32;
-/// Client connections (HTTPS clients / etcd gRPC channels) the workers share.
+/// Clients the workers share: HTTPS clients (each a keep-alive HTTP/1.1
+/// pool, so up to WORKERS connections in all) / etcd gRPC channels (HTTP/2,
+/// multiplexed).
 const CONNECTIONS: usize = 4;
 /// Length of each measured phase.
 const PHASE: Duration = Duration::from_secs(5);
@@ -41,6 +43,10 @@ const RSS_LEASES: usize = 10_000;
 /// Throughput and latency of one phase.
 #[derive(Debug, Clone, Default)]
 pub struct Figures {
+    /// CPU time the server process spent per operation (user + system).
+    pub server_cpu_us_per_op: f64,
+    /// CPU time this benchmark client spent per operation.
+    pub client_cpu_us_per_op: f64,
     pub ops: u64,
     pub errors: u64,
     pub ops_per_s: f64,
@@ -135,8 +141,20 @@ impl Worker {
     }
 }
 
-/// Runs every worker in a loop for `PHASE`, all starting together.
-async fn phase(workers: Vec<Worker>) -> anyhow::Result<Figures> {
+/// utime + stime of `pid` in seconds (from /proc/<pid>/stat).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesized command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields in `rest` start at field 3 (state); utime = 14 -> index 11.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Runs every worker in a loop for `PHASE`, all starting together;
+/// `server` is the pid whose CPU time is charged to the operations.
+async fn phase(workers: Vec<Worker>, server: u32) -> anyhow::Result<Figures> {
     let start = Instant::now() + Duration::from_millis(200);
     let end = start + PHASE;
     let mut tasks = Vec::new();
@@ -155,6 +173,8 @@ async fn phase(workers: Vec<Worker>) -> anyhow::Result<Figures> {
             (lat, errors)
         }));
     }
+    tokio::time::sleep_until(start).await;
+    let (s0, c0) = (cpu_seconds(server), cpu_seconds(std::process::id()));
     let mut all = Vec::new();
     let mut errors = 0;
     for t in tasks {
@@ -162,7 +182,9 @@ async fn phase(workers: Vec<Worker>) -> anyhow::Result<Figures> {
         all.extend(lat);
         errors += e;
     }
+    let (s1, c1) = (cpu_seconds(server), cpu_seconds(std::process::id()));
     all.sort_unstable();
+    let per_op = |d: f64| d * 1e6 / (all.len().max(1) as f64);
     let pct = |p: f64| -> f64 {
         if all.is_empty() {
             return f64::NAN;
@@ -171,6 +193,8 @@ async fn phase(workers: Vec<Worker>) -> anyhow::Result<Figures> {
         all[i].as_secs_f64() * 1000.0
     };
     Ok(Figures {
+        server_cpu_us_per_op: per_op(s1 - s0),
+        client_cpu_us_per_op: per_op(c1 - c0),
         ops: all.len() as u64,
         errors,
         ops_per_s: all.len() as f64 / PHASE.as_secs_f64(),
@@ -236,6 +260,29 @@ fn witness_pid(port: u16) -> anyhow::Result<u32> {
     anyhow::bail!("no witness process listening on port {port}")
 }
 
+/// The pid of the etcd serving `etcd.endpoint()`.
+fn etcd_pid(etcd: &EtcdProc) -> anyhow::Result<u32> {
+    let needle = format!("--listen-client-urls={}", etcd.endpoint());
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline)
+            .split('\0')
+            .any(|a| a == needle)
+        {
+            return Ok(pid);
+        }
+    }
+    anyhow::bail!("no etcd process for {}", etcd.endpoint())
+}
+
 /// VmRSS of `pid` in MiB.
 fn rss_mb(pid: u32) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(PathBuf::from(format!("/proc/{pid}/status")))?;
@@ -272,7 +319,7 @@ async fn witness_renew(w: &WitnessProc) -> anyhow::Result<Figures> {
             req: Request::Renew(a),
         });
     }
-    phase(workers).await
+    phase(workers, witness_pid(w.api_addr().port())?).await
 }
 
 async fn witness_acquire(w: &WitnessProc, tag: &str, ttl_ms: u64) -> anyhow::Result<Figures> {
@@ -288,7 +335,7 @@ async fn witness_acquire(w: &WitnessProc, tag: &str, ttl_ms: u64) -> anyhow::Res
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    phase(workers).await
+    phase(workers, witness_pid(w.api_addr().port())?).await
 }
 
 async fn etcd_clients(etcd: &EtcdProc) -> anyhow::Result<Vec<Client>> {
@@ -308,7 +355,7 @@ async fn etcd_renew(etcd: &EtcdProc) -> anyhow::Result<Figures> {
         let (keeper, stream) = c.lease_keep_alive(lease).await?;
         workers.push(Worker::EtcdRenew { keeper, stream });
     }
-    phase(workers).await
+    phase(workers, etcd_pid(etcd)?).await
 }
 
 async fn etcd_acquire(etcd: &EtcdProc) -> anyhow::Result<Figures> {
@@ -324,7 +371,34 @@ async fn etcd_acquire(etcd: &EtcdProc) -> anyhow::Result<Figures> {
             i: 0,
         });
     }
-    phase(workers).await
+    phase(workers, etcd_pid(etcd)?).await
+}
+
+/// Diagnostics: the five mappings with the most resident memory.
+fn print_largest_mappings(pid: u32) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut maps: Vec<(u64, String)> = Vec::new();
+    let mut current = String::new();
+    for line in smaps.lines() {
+        if let Some(kb) = line.strip_prefix("Rss:") {
+            let kb = kb
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            maps.push((kb, current.clone()));
+        } else if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            current = line.to_string();
+        }
+    }
+    maps.sort_by(|a, b| b.0.cmp(&a.0));
+    for (kb, m) in maps.iter().take(5) {
+        eprintln!("rss {kb:>8} kB  {m}");
+    }
 }
 
 /// Acquires `RSS_LEASES` long-lived leases on a fresh witness and reads its
@@ -369,6 +443,9 @@ async fn witness_rss() -> anyhow::Result<(f64, f64)> {
         t.await??;
     }
     let loaded = rss_mb(pid)?;
+    if std::env::var_os("CONTINUUM_BENCH_SMAPS").is_some() {
+        print_largest_mappings(pid);
+    }
     drop(w);
     Ok((idle, loaded))
 }
@@ -405,6 +482,8 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
                 "renew_p50_ms": round(w_renew.p50_ms),
                 "renew_p99_ms": round(w_renew.p99_ms),
                 "renew_errors": w_renew.errors,
+                "renew_server_cpu_us_per_op": round(w_renew.server_cpu_us_per_op),
+                "renew_client_cpu_us_per_op": round(w_renew.client_cpu_us_per_op),
                 "acquire_ops_per_s": round(w_acq.ops_per_s),
                 "acquire_p50_ms": round(w_acq.p50_ms),
                 "acquire_p99_ms": round(w_acq.p99_ms),
@@ -417,6 +496,8 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
                 "renew_p50_ms": round(e_renew.p50_ms),
                 "renew_p99_ms": round(e_renew.p99_ms),
                 "renew_errors": e_renew.errors,
+                "renew_server_cpu_us_per_op": round(e_renew.server_cpu_us_per_op),
+                "renew_client_cpu_us_per_op": round(e_renew.client_cpu_us_per_op),
                 "acquire_ops_per_s": round(e_acq.ops_per_s),
                 "acquire_p50_ms": round(e_acq.p50_ms),
                 "acquire_p99_ms": round(e_acq.p99_ms),
@@ -427,7 +508,7 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
         println!("{obj}");
     } else {
         println!(
-            "witness benchmark: {WORKERS} concurrent workers over {CONNECTIONS} connections, {}s per phase",
+            "witness benchmark: {WORKERS} concurrent workers sharing {CONNECTIONS} clients, {}s per phase",
             PHASE.as_secs()
         );
         println!("{:<28} {:>14} {:>14}", "", "witness", "etcd");
@@ -436,9 +517,24 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
         row("renewals/s", w_renew.ops_per_s, e_renew.ops_per_s);
         row3("renew p50 ms", w_renew.p50_ms, e_renew.p50_ms);
         row3("renew p99 ms", w_renew.p99_ms, e_renew.p99_ms);
+        row(
+            "renew server CPU us/op",
+            w_renew.server_cpu_us_per_op,
+            e_renew.server_cpu_us_per_op,
+        );
+        row(
+            "renew client CPU us/op",
+            w_renew.client_cpu_us_per_op,
+            e_renew.client_cpu_us_per_op,
+        );
         row("acquires/s", w_acq.ops_per_s, e_acq.ops_per_s);
         row3("acquire p50 ms", w_acq.p50_ms, e_acq.p50_ms);
         row3("acquire p99 ms", w_acq.p99_ms, e_acq.p99_ms);
+        row(
+            "acquire server CPU us/op",
+            w_acq.server_cpu_us_per_op,
+            e_acq.server_cpu_us_per_op,
+        );
         println!(
             "{:<28} {:>14} {:>14}",
             "errors (renew/acquire)",
