@@ -430,6 +430,163 @@ async fn region_death_promotes_b_once_and_a_stays_fenced() {
     );
     a.assert_no_forbidden();
     b.assert_no_forbidden();
+    // Minimality: every granted verb was used (the Event recorder's patch of
+    // a repeated Event aside, which this run may not need).
+    let mut used = std::collections::BTreeSet::new();
+    for r in a.api.requests().into_iter().chain(b.api.requests()) {
+        let res = match &r.subresource {
+            Some(s) => format!("{}/{s}", r.resource),
+            None => r.resource.clone(),
+        };
+        used.insert(format!("{}|{res}|{}", r.group, r.verb));
+    }
+    for want in [
+        "dr.openova.io|continuums|list",
+        "dr.openova.io|continuums|watch",
+        "dr.openova.io|continuums/status|patch",
+        "postgresql.cnpg.io|clusters|get",
+        "postgresql.cnpg.io|clusters|patch",
+        "|secrets|get",
+        "events.k8s.io|events|create",
+        "coordination.k8s.io|leases|get",
+        "coordination.k8s.io|leases|create",
+        "coordination.k8s.io|leases|update",
+    ] {
+        assert!(
+            used.contains(want),
+            "granted but unused: {want}; used {used:?}"
+        );
+    }
+    a.kill_agent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_witnesses_fences_the_primary_until_they_return() {
+    let Setup {
+        mut a,
+        mut b,
+        mut _witnesses,
+    } = setup("automatic").await;
+    for w in _witnesses.iter_mut() {
+        w.kill9();
+    }
+    // Invariant 2: no renewal by the deadline, so the fence guard fences a.
+    wait_for(
+        "a fenced without witnesses",
+        Duration::from_secs(10),
+        || fenced(&a.cluster()),
+    )
+    .await;
+    wait_for("a status Fenced", Duration::from_secs(10), || {
+        a.status()["phase"] == "Fenced"
+    })
+    .await;
+    assert!(
+        a.metric(
+            "continuum_cnpg_failover_actions_total",
+            &[("action", "fence"), ("result", "ok")]
+        ) >= 1
+    );
+    // b cannot see a majority: it never promotes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(b.cluster()["spec"]["replica"]["primary"], "pg-a");
+    assert_eq!(
+        b.metric(
+            "continuum_cnpg_failover_actions_total",
+            &[("action", "acquire"), ("result", "ok")]
+        ),
+        0
+    );
+    a.assert_no_forbidden();
+    b.assert_no_forbidden();
+    a.kill_agent();
+    b.kill_agent();
+}
+
+/// Witnesses lost, then back (durable store): a is fenced and the lease is
+/// free, so both regions may race for it: a (fenced, no newer epoch: may
+/// resume) and b (the recorded synchronous standby: may promote). Exactly one
+/// of them must end up primary at epoch 2, never both (invariant 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_witnesses_return_exactly_one_region_is_primary() {
+    let Setup {
+        mut a,
+        mut b,
+        mut _witnesses,
+    } = setup("automatic").await;
+    for w in _witnesses.iter_mut() {
+        w.kill9();
+    }
+    wait_for(
+        "a fenced without witnesses",
+        Duration::from_secs(10),
+        || fenced(&a.cluster()),
+    )
+    .await;
+    for w in _witnesses.iter_mut() {
+        w.restart().unwrap();
+    }
+    let a_primary = |a: &Region| {
+        let c = a.cluster();
+        !fenced(&c) && annotation(&c, cnpg::ANNOTATION_EPOCH).as_deref() == Some("2")
+    };
+    let b_primary = |b: &Region| {
+        let c = b.cluster();
+        c["spec"]["replica"]["primary"] == "pg-b"
+            && annotation(&c, cnpg::ANNOTATION_EPOCH).as_deref() == Some("2")
+    };
+    wait_for(
+        "one region primary at epoch 2",
+        Duration::from_secs(20),
+        || a_primary(&a) || b_primary(&b),
+    )
+    .await;
+    // Let the loser observe the winner, then check they never overlap.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (pa, pb) = (a_primary(&a), b_primary(&b));
+        assert!(pa != pb, "exactly one primary: a={pa} b={pb}");
+        if pb {
+            assert!(fenced(&a.cluster()), "a stays fenced once b promoted");
+        } else {
+            assert_eq!(b.cluster()["spec"]["replica"]["primary"], "pg-a");
+        }
+    }
+    a.assert_no_forbidden();
+    b.assert_no_forbidden();
+    a.kill_agent();
+    b.kill_agent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_spec_is_reported_in_status() {
+    let pki = Pki::generate().unwrap();
+    let spec = json!({
+        "regions": [{"name": "x", "cnpg": {"name": "pg-x"}}, {"name": "y", "cnpg": {"name": "pg-y"}}],
+        "witnesses": {"urls": ["https://127.0.0.1:1"], "tlsSecretRef": {"name": "witness-tls"}},
+        "ttlSeconds": 1,
+    });
+    let mut a = Region::new("a", &pki, json!({"instances": 1}), &spec).await;
+    a.start_agent().await;
+    wait_for(
+        "Decision=False UnknownRegion",
+        Duration::from_secs(10),
+        || {
+            a.status()["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| {
+                    c["type"] == "Decision"
+                        && c["status"] == "False"
+                        && c["reason"] == "UnknownRegion"
+                })
+        },
+    )
+    .await;
+    // Nothing was done to the Cluster.
+    assert!(a.cluster()["metadata"]["annotations"].is_null());
+    a.assert_no_forbidden();
     a.kill_agent();
 }
 

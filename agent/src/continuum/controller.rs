@@ -165,7 +165,10 @@ struct Runner {
     key: String,
     lease: LeaseName,
     names: Names,
-    witness_fp: String,
+    /// Witness URLs, TLS Secret name, TTL and Cluster the runner was built for.
+    spec_fp: String,
+    secret_rv: String,
+    secret_checked: Instant,
     quorum: Arc<QuorumClient>,
     ttl: Duration,
     cluster: ClusterHandle,
@@ -258,13 +261,8 @@ async fn publish(ctx: &Ctx, oref: &ObjectReference, warning: bool, reason: &str,
     }
 }
 
-/// Reads the witness TLS Secret and builds the quorum client.
-async fn quorum_client(
-    ctx: &Ctx,
-    ns: &str,
-    cr: &Continuum,
-    ttl: Duration,
-) -> Result<(Arc<QuorumClient>, String), Error> {
+/// Reads the witness TLS Secret: its resourceVersion and the PEM material.
+async fn tls_secret(ctx: &Ctx, ns: &str, cr: &Continuum) -> Result<(String, TlsMaterial), Error> {
     let secret_name = &cr.spec.witnesses.tls_secret_ref.name;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let s = secrets
@@ -282,10 +280,20 @@ async fn quorum_client(
         cert_pem: key("tls.crt")?,
         key_pem: key("tls.key")?,
     };
+    Ok((s.metadata.resource_version.unwrap_or_default(), tls))
+}
+
+/// Builds the quorum client for the spec's witnesses.
+fn quorum_client(
+    ctx: &Ctx,
+    cr: &Continuum,
+    tls: &TlsMaterial,
+    ttl: Duration,
+) -> Result<Arc<QuorumClient>, Error> {
     let call_timeout = (ttl / 6).max(Duration::from_millis(100));
     let mut witnesses: Vec<Arc<dyn LeaseTransport>> = Vec::new();
     for url in &cr.spec.witnesses.urls {
-        let t = HttpsTransport::new(url, &tls, call_timeout)
+        let t = HttpsTransport::new(url, tls, call_timeout)
             .map_err(|e| Error::Quorum(format!("witness {url}: {e}")))?;
         witnesses.push(Arc::new(t));
     }
@@ -297,14 +305,12 @@ async fn quorum_client(
     qcfg.validate(ttl)
         .map_err(|e| Error::Quorum(format!("lease timing: {e}")))?;
     let client = QuorumClient::new(witnesses, qcfg).map_err(|e| Error::Quorum(e.to_string()))?;
-    let fp = format!(
-        "{:?}|{}|{}",
-        cr.spec.witnesses.urls,
-        s.metadata.resource_version.unwrap_or_default(),
-        ttl.as_millis()
-    );
-    Ok((Arc::new(client), fp))
+    Ok(Arc::new(client))
 }
+
+/// How often a runner that holds no lease re-reads the TLS Secret (a
+/// rotated certificate is picked up without a GET every tick).
+const SECRET_RECHECK: Duration = Duration::from_secs(30);
 
 /// Finds (or creates) the runner of `cr`; rebuilt when its witnesses, TLS
 /// material or Cluster changed while no lease is held.
@@ -326,16 +332,32 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
             .map_or_else(|| sides.peer.name.clone(), |c| c.name.clone()),
     };
     let ttl = Duration::from_secs(u64::from(cr.spec.ttl_seconds.max(1)));
+    let spec_fp = format!(
+        "{:?}|{}|{}|{:?}",
+        cr.spec.witnesses.urls,
+        cr.spec.witnesses.tls_secret_ref.name,
+        ttl.as_millis(),
+        sides.local_cnpg
+    );
     let existing = ctx.runners.lock().await.get(&key).cloned();
-    let (quorum, fp) = quorum_client(ctx, &ns, cr, ttl).await?;
-    if let Some(r) = existing {
-        let guard = r.lock().await;
+    if let Some(r) = &existing {
+        let mut guard = r.lock().await;
+        // A held lease keeps its runner (and client) until it is lost.
         let holding = guard.grant.borrow().is_some();
-        if holding || (guard.witness_fp == fp && guard.names == names) {
-            drop(guard);
-            return Ok(r);
+        let same_spec = guard.spec_fp == spec_fp && guard.names == names;
+        if holding || (same_spec && guard.secret_checked.elapsed() < SECRET_RECHECK) {
+            return Ok(r.clone());
+        }
+        if same_spec {
+            let (rv, _) = tls_secret(ctx, &ns, cr).await?;
+            if rv == guard.secret_rv {
+                guard.secret_checked = Instant::now();
+                return Ok(r.clone());
+            }
         }
     }
+    let (secret_rv, tls) = tls_secret(ctx, &ns, cr).await?;
+    let quorum = quorum_client(ctx, cr, &tls, ttl)?;
     let lease = LeaseName::new(format!("continuum/{ns}/{name}"))
         .map_err(|e| SpecError::LeaseName(e.to_string()))?;
     let cluster_ns = sides.local_cnpg.namespace.clone().unwrap_or(ns.clone());
@@ -356,7 +378,9 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
         key: key.clone(),
         lease,
         names,
-        witness_fp: fp,
+        spec_fp,
+        secret_rv,
+        secret_checked: Instant::now(),
         quorum,
         ttl,
         cluster,
@@ -867,8 +891,53 @@ pub async fn reconcile_once(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
 }
 
 async fn reconcile(cr: Arc<Continuum>, ctx: Arc<Ctx>) -> Result<Requeue, Error> {
-    reconcile_once(&cr, &ctx).await?;
-    Ok(Requeue::requeue(ctx.cfg.tick))
+    match reconcile_once(&cr, &ctx).await {
+        Ok(()) => Ok(Requeue::requeue(ctx.cfg.tick)),
+        Err(e) => {
+            if !matches!(e, Error::Status(_)) {
+                report_blocked(&cr, &ctx, &e).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Shows why nothing can be decided (bad spec, unreadable TLS Secret) as a
+/// `Decision=False` condition, so `kubectl get continuum -o yaml` tells.
+async fn report_blocked(cr: &Continuum, ctx: &Ctx, err: &Error) {
+    let old = cr.status.clone().unwrap_or_default();
+    let mut conditions: Vec<Condition> = old
+        .conditions
+        .iter()
+        .filter(|c| c.type_ != "Decision")
+        .cloned()
+        .collect();
+    conditions.push(condition(
+        &old.conditions,
+        "Decision",
+        false,
+        &pascal(err.label()),
+        err.to_string(),
+        cr.metadata.generation,
+    ));
+    if old.conditions == conditions {
+        return;
+    }
+    let api: Api<Continuum> = Api::namespaced(
+        ctx.client.clone(),
+        &cr.namespace().unwrap_or_else(|| "default".into()),
+    );
+    let body = json!({"status": {"conditions": conditions, "observedBy": ctx.cfg.region.as_str()}});
+    if let Err(e) = api
+        .patch_status(
+            &cr.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&body),
+        )
+        .await
+    {
+        tracing::warn!(continuum = %cr.name_any(), error = %e, "could not report the blocked decision");
+    }
 }
 
 fn error_policy(cr: Arc<Continuum>, err: &Error, ctx: Arc<Ctx>) -> Requeue {
