@@ -299,14 +299,10 @@ async fn flapping_link_never_two_primaries() {
     }
 }
 
-/// Case 6: A's clock runs 1 % slow (the configured max_drift 0.01, the
-/// dangerous direction: its lease looks longer to it), applied to the whole
-/// agent process with libfaketime; A is then cut from the witnesses.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clock_slow_by_max_drift_still_fences_first() {
-    let Some(_serial) = guard().await else {
-        return;
-    };
+/// Case 6: A's clock drifts by the configured max_drift (0.01), applied to
+/// the whole agent process with libfaketime (its monotonic clock, sleeps and
+/// timers all run at the given rate); A is then cut from the witnesses.
+async fn drift_case(rate: &str, case: &str) {
     if !std::path::Path::new(LIBFAKETIME).exists() {
         eprintln!("SKIPPED clock drift case: {LIBFAKETIME} missing (apt-get install faketime)");
         return;
@@ -314,13 +310,31 @@ async fn a_clock_slow_by_max_drift_still_fences_first() {
     let mut opts = ClusterOpts::default();
     opts.agent_env[0] = vec![
         ("LD_PRELOAD".into(), LIBFAKETIME.into()),
-        ("FAKETIME".into(), "+0 x0.99".into()),
+        ("FAKETIME".into(), format!("+0 x{rate}")),
     ];
     let (cluster, r) = failover_case(opts, |c| {
         netns::cut(&c.ns[0], IF_TO_W[0], &c.ns_w, IF_FROM_W[0])
     })
     .await;
-    assert_safe_failover("6 a-clock-slow-0.99", &cluster, &r);
+    assert_safe_failover(case, &cluster, &r);
+}
+
+/// Slow by max_drift: the dangerous direction (A's lease looks longer to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_slow_by_max_drift_still_fences_first() {
+    let Some(_serial) = guard().await else {
+        return;
+    };
+    drift_case("0.99", "6 a-clock-slow-0.99").await;
+}
+
+/// Fast by max_drift: A fences a little earlier; still no loss or overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_fast_by_max_drift_still_fences_first() {
+    let Some(_serial) = guard().await else {
+        return;
+    };
+    drift_case("1.01", "6 a-clock-fast-1.01").await;
 }
 
 /// The checker must catch a broken fence: case 2 with A's fence disabled
