@@ -797,8 +797,27 @@ pub async fn reconcile_once(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
     let oref = cr.object_ref(&());
     let key = r.key.clone();
     let mut seen = r.observe().await;
-    let mut decision = ("wait".to_string(), String::new());
-    for _ in 0..MAX_STEPS {
+    let decision: (String, String);
+    let mut steps = 0;
+    loop {
+        if steps == MAX_STEPS {
+            // Guardrail (invariant 6): a decision that never settles is a bug
+            // or a fight over the Cluster; stop this pass and say so.
+            tracing::error!(continuum = %key, steps, "guardrail: more than MAX_STEPS actions in one reconcile; stopping this pass");
+            publish(
+                ctx,
+                &oref,
+                true,
+                "GuardrailTripped",
+                format!(
+                    "{steps} failover actions in one pass without settling; next pass in one tick"
+                ),
+            )
+            .await;
+            decision = ("guardrail".into(), format!("{steps} actions in one pass"));
+            break;
+        }
+        steps += 1;
         let action = r.decide(&seen, cr.spec.mode, cr.spec.sync_policy);
         let label = action.label();
         if let Action::Wait { reason } = &action {
@@ -825,7 +844,6 @@ pub async fn reconcile_once(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
                     detail.clone(),
                 )
                 .await;
-                decision = (label.to_string(), detail);
             }
             Err((err_label, e)) => {
                 ctx.metrics

@@ -58,8 +58,10 @@ pub struct ContinuumArgs {
     /// Leader-election identity (defaults to the pod name from HOSTNAME).
     #[arg(long, env = "CONTINUUM_IDENTITY")]
     pub identity: Option<String>,
-    /// Leader Lease duration, seconds.
-    #[arg(long, env = "CONTINUUM_LEADER_LEASE_SECONDS", default_value_t = 15)]
+    /// Leader Lease duration, seconds. Keep it below the Continuums' TTL: if
+    /// the leading pod dies, its witness leases run out after one TTL, and a
+    /// replica that is not leading by then lets the other region promote.
+    #[arg(long, env = "CONTINUUM_LEADER_LEASE_SECONDS", default_value_t = 4)]
     pub leader_lease_seconds: u64,
     /// Plain HTTP port for /metrics, /healthz, /readyz.
     #[arg(long, env = "CONTINUUM_HEALTH_LISTEN", default_value = "0.0.0.0:9465")]
