@@ -16,14 +16,39 @@ use serde_json::Value;
 use super::goduration;
 
 /// `helm.toolkit.fluxcd.io/v2` HelmRelease with untyped spec and status.
+///
+/// Decoding already drops what the recovery never reads (see [`slim`]), so the
+/// controller's cache of every HelmRelease stays small.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct HelmRelease {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_meta")]
     pub metadata: ObjectMeta,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_value")]
     pub spec: Value,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "de_status",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub status: Option<Value>,
+}
+
+fn de_status<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    let mut v = Option::<Value>::deserialize(d)?;
+    slim_status(&mut v);
+    Ok(v)
+}
+
+fn de_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let mut m = ObjectMeta::deserialize(d)?;
+    slim_meta(&mut m);
+    Ok(m)
+}
+
+fn de_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+    let mut v = Value::deserialize(d)?;
+    slim_spec(&mut v);
+    Ok(v)
 }
 
 impl kube::Resource for HelmRelease {
@@ -228,6 +253,46 @@ pub fn validate(hr: &HelmRelease) -> Result<HrView, SkipReason> {
     })
 }
 
+/// Keep only what [`validate`] and the actions read, so the controller's cache
+/// of every HelmRelease stays small (the agent's memory budget is 30 MB).
+pub fn slim(hr: &mut HelmRelease) {
+    slim_meta(&mut hr.metadata);
+    slim_spec(&mut hr.spec);
+    slim_status(&mut hr.status);
+}
+
+fn slim_meta(m: &mut ObjectMeta) {
+    m.managed_fields = None;
+    m.labels = None;
+    m.owner_references = None;
+    if let Some(a) = m.annotations.as_mut() {
+        a.retain(|k, _| k.starts_with("stuck-hr-recovery.openova.io/"));
+    }
+}
+
+fn slim_spec(spec: &mut Value) {
+    if let Value::Object(spec) = spec {
+        spec.retain(|k, _| {
+            matches!(
+                k.as_str(),
+                "timeout" | "releaseName" | "targetNamespace" | "storageNamespace" | "suspend"
+            )
+        });
+    }
+}
+
+fn slim_status(status: &mut Option<Value>) {
+    if let Some(Value::Object(status)) = status {
+        status.retain(|k, _| k == "conditions" || k == "history");
+        if let Some(Value::Array(h)) = status.get_mut("history") {
+            h.truncate(1);
+            if let Some(Value::Object(first)) = h.first_mut() {
+                first.retain(|k, _| k == "status");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,6 +352,32 @@ mod tests {
             let got = validate(&hr(status.clone())).map(|v| v.ready);
             assert_eq!(got, want, "{status}");
         }
+    }
+
+    #[test]
+    fn slim_keeps_the_decision() {
+        let mut h = hr(
+            json!({"conditions": [{"type": "Ready", "status": "Unknown", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {"type": "Released", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+            "history": [{"status": "deployed", "chartName": "x"}, {"status": "superseded"}], "lastAttemptedRevision": "1.0"}),
+        );
+        h.spec = json!({"timeout": "1m", "chart": {"spec": {"chart": "x"}}, "values": {"big": [1, 2, 3]}});
+        let before = validate(&h);
+        slim(&mut h);
+        assert_eq!(validate(&h), before);
+        assert_eq!(h.spec, json!({"timeout": "1m"}));
+        assert_eq!(
+            h.status.as_ref().unwrap()["history"],
+            json!([{"status": "deployed"}])
+        );
+        assert_eq!(
+            h.status.as_ref().unwrap()["conditions"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2,
+            "all conditions kept for the status patch"
+        );
     }
 
     #[test]
