@@ -197,3 +197,37 @@ pub fn hr_recovery(args: HrRecoveryArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Once {
+        #[command(flatten)]
+        a: HrRecoveryArgs,
+    }
+
+    #[test]
+    fn once_flags() {
+        let p = Once::try_parse_from([
+            "x",
+            "--once",
+            "--dry-run",
+            "--hr-threshold",
+            "90s",
+            "--hr-max-actions",
+            "3",
+        ])
+        .unwrap();
+        assert!(p.a.once && p.a.dry_run);
+        assert_eq!(p.a.hr.threshold, Duration::from_secs(90));
+        assert_eq!(p.a.hr.max_actions, 3);
+        assert!(Once::try_parse_from(["x"]).is_err(), "--once is required");
+        assert!(
+            Once::try_parse_from(["x", "--once", "--hr-threshold", "5"]).is_err(),
+            "unitless duration"
+        );
+    }
+}
