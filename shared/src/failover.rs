@@ -267,6 +267,11 @@ mod tests {
         HolderId::new(s).expect("valid holder")
     }
 
+    /// (meta epoch, named sync standby) as the witnesses return it.
+    type MetaRow = (u64, Option<&'static str>);
+    /// (expired at majority, max epoch, newest meta).
+    type ViewRow = (bool, u64, Option<MetaRow>);
+
     struct Case {
         name: &'static str,
         primary: bool,
@@ -275,7 +280,7 @@ mod tests {
         required: Option<&'static str>,
         peer_attached: bool,
         held: Option<(u64, i64)>, // epoch, deadline offset ms from now
-        view: Option<(bool, u64, Option<(u64, Option<&'static str>)>)>, // expired, max_epoch, meta
+        view: Option<ViewRow>,
         recorded: Option<Option<&'static str>>,
         mode: Mode,
         policy: SyncPolicy,
