@@ -105,7 +105,12 @@ pub async fn serve_api(
                 .is_some_and(|c| !c.is_empty());
             let svc = service_fn(move |req| {
                 let witness = witness.clone();
-                async move { Ok::<_, Infallible>(handle(&witness, authenticated, req).await) }
+                // Boxed: the request future is large (it embeds the store's
+                // futures); unboxed, hyper moves it into every per-request
+                // task, which showed up as the top memmove in a profile.
+                Box::pin(
+                    async move { Ok::<_, Infallible>(handle(&witness, authenticated, req).await) },
+                )
             });
             if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), svc)
