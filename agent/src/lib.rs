@@ -9,5 +9,6 @@ pub mod failover;
 pub mod health;
 pub mod hr_recovery;
 pub mod leader;
+pub mod lease_guard;
 pub mod node_pivot;
 pub mod source_pivot;

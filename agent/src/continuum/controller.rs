@@ -41,7 +41,7 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde_json::json;
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
 
 use super::cnpg::{self, ClusterHandle, Names};
 use super::crd::{
@@ -400,7 +400,7 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
 /// renewal. When the runner is gone (leadership lost), it fences at the
 /// last deadline it knew and exits.
 async fn fence_guard(
-    mut grant: watch::Receiver<Option<Grant>>,
+    grant: watch::Receiver<Option<Grant>>,
     cluster: ClusterHandle,
     metrics: Metrics,
     recorder: Recorder,
@@ -443,60 +443,7 @@ async fn fence_guard(
             }
         }
     };
-    loop {
-        let current = grant.borrow_and_update().clone();
-        match current {
-            None => {
-                if grant.changed().await.is_err() {
-                    return;
-                }
-            }
-            Some(g) => {
-                tokio::select! {
-                    changed = grant.changed() => if changed.is_err() {
-                        sleep_until(g.deadline).await;
-                        fence(g, "runner stopped: lease deadline passed without renewal").await;
-                        return;
-                    },
-                    _ = sleep_until(g.deadline) => {
-                        let same = grant.borrow().as_ref().is_some_and(|c| c.deadline == g.deadline);
-                        if same {
-                            fence(g, "lease deadline passed without renewal").await;
-                            if grant.changed().await.is_err() { return; }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Renews `grant` about every TTL/3 until renewals fail past its deadline.
-async fn renewer(client: Arc<QuorumClient>, mut grant: Grant, tx: watch::Sender<Option<Grant>>) {
-    let every = grant.ttl / 3;
-    let retry = (grant.ttl / 20).max(Duration::from_millis(20));
-    let mut next = grant.sent_at + every;
-    loop {
-        sleep_until(next).await;
-        if tx.borrow().as_ref().map(|g| g.epoch) != Some(grant.epoch) {
-            return;
-        }
-        match client.renew(&grant).await {
-            Ok(g) => {
-                next = g.sent_at + every;
-                grant = g.clone();
-                tx.send_replace(Some(g));
-            }
-            Err(e) => {
-                if Instant::now() >= grant.deadline {
-                    tracing::warn!(epoch = %grant.epoch, reason = %e, "renewals failed until the deadline: lease lost");
-                    tx.send_replace(None);
-                    return;
-                }
-                next = Instant::now() + retry;
-            }
-        }
-    }
+    crate::lease_guard::fence_at_deadline(grant, fence).await
 }
 
 /// What one tick saw.
@@ -588,7 +535,7 @@ impl Runner {
                 if let Some(old) = self.renewer.take() {
                     old.abort();
                 }
-                self.renewer = Some(tokio::spawn(renewer(
+                self.renewer = Some(tokio::spawn(crate::lease_guard::renewer(
                     self.quorum.clone(),
                     g,
                     self.grant.clone(),

@@ -281,73 +281,24 @@ fn unsafe_no_fence() -> bool {
 
 /// Fences the database the moment the held grant's deadline passes. Runs
 /// apart from the decision loop so a stuck database call cannot delay it.
-async fn fence_guard(
-    mut grant: watch::Receiver<Option<Grant>>,
-    conninfo: String,
-    metrics: Metrics,
-) {
-    loop {
-        let current = grant.borrow_and_update().clone();
-        match current {
-            None => {
-                if grant.changed().await.is_err() {
-                    return;
-                }
+async fn fence_guard(grant: watch::Receiver<Option<Grant>>, conninfo: String, metrics: Metrics) {
+    crate::lease_guard::fence_at_deadline(grant, |g, reason| {
+        let conninfo = conninfo.clone();
+        let metrics = metrics.clone();
+        async move {
+            if unsafe_no_fence() {
+                tracing::error!(action = "fence", reason, epoch = %g.epoch, "UNSAFE test hook: fence skipped");
+                return;
             }
-            Some(g) => {
-                tokio::select! {
-                    changed = grant.changed() => if changed.is_err() { return },
-                    _ = sleep_until(g.deadline) => {
-                        // Still the same grant at its deadline: fence now.
-                        let same = grant.borrow().as_ref().is_some_and(|c| c.deadline == g.deadline);
-                        if same && unsafe_no_fence() {
-                            tracing::error!(action = "fence", reason = "lease deadline passed without renewal", epoch = %g.epoch, "UNSAFE test hook: fence skipped");
-                            if grant.changed().await.is_err() { return; }
-                        } else if same {
-                            tracing::warn!(action = "fence", reason = "lease deadline passed without renewal", epoch = %g.epoch, "fencing the database");
-                            metrics.actions.with_label_values(&["fence"]).inc();
-                            if let Err(e) = pg::fence(&conninfo).await {
-                                metrics.errors.with_label_values(&["fence", e.label()]).inc();
-                                tracing::error!(action = "fence", error = %e, "fence failed; the decision loop retries");
-                            }
-                            // Wait for the next grant before arming again.
-                            if grant.changed().await.is_err() { return; }
-                        }
-                    }
-                }
+            tracing::warn!(action = "fence", reason, epoch = %g.epoch, "fencing the database");
+            metrics.actions.with_label_values(&["fence"]).inc();
+            if let Err(e) = pg::fence(&conninfo).await {
+                metrics.errors.with_label_values(&["fence", e.label()]).inc();
+                tracing::error!(action = "fence", error = %e, "fence failed; the decision loop retries");
             }
         }
-    }
-}
-
-/// Renews `grant` about every TTL/3 until it fails past its deadline, and
-/// publishes each renewed grant (or `None` when it is gone).
-async fn renewer(client: Arc<QuorumClient>, mut grant: Grant, tx: watch::Sender<Option<Grant>>) {
-    let every = grant.ttl / 3;
-    let retry = (grant.ttl / 20).max(Duration::from_millis(20));
-    let mut next = grant.sent_at + every;
-    loop {
-        sleep_until(next).await;
-        // A newer grant (re-acquire) replaced this one: stop.
-        if tx.borrow().as_ref().map(|g| g.epoch) != Some(grant.epoch) {
-            return;
-        }
-        match client.renew(&grant).await {
-            Ok(g) => {
-                next = g.sent_at + every;
-                grant = g.clone();
-                tx.send_replace(Some(g));
-            }
-            Err(e) => {
-                if Instant::now() >= grant.deadline {
-                    tracing::warn!(epoch = %grant.epoch, reason = %e, "renewals failed until the deadline: lease lost");
-                    tx.send_replace(None);
-                    return;
-                }
-                next = Instant::now() + retry;
-            }
-        }
-    }
+    })
+    .await
 }
 
 /// Bounds a database call: a stuck call must not hold the decision loop.
@@ -496,7 +447,11 @@ impl Runner {
                 self.recorded = None;
                 self.held_once = true;
                 self.grant.send_replace(Some(g.clone()));
-                tokio::spawn(renewer(self.client.clone(), g, self.grant.clone()));
+                tokio::spawn(crate::lease_guard::renewer(
+                    self.client.clone(),
+                    g,
+                    self.grant.clone(),
+                ));
                 Ok(format!("{reason}; holding epoch {epoch}"))
             }
             Action::Promote { epoch } => {
