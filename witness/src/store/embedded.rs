@@ -30,8 +30,9 @@ const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 const SHARDS: usize = 64;
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 1024;
-/// redb page cache: the table is small (10,000 leases are about 2 MB).
-const CACHE_BYTES: usize = 4 << 20;
+/// redb page cache: reads are served from memory, so the cache only holds
+/// pages being rewritten (10,000 leases are a 2 MB table).
+const CACHE_BYTES: usize = 1 << 20;
 /// File name inside `--data-dir`.
 pub const DB_FILE: &str = "witness.redb";
 
