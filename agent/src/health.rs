@@ -21,9 +21,17 @@ pub struct HealthState {
     pub guard: Arc<Mutex<Guardrail>>,
 }
 
-fn respond(state: &HealthState, path: &str) -> (StatusCode, String) {
+/// Renders the region-health `/status` JSON document (served when given).
+pub type StatusProvider = Arc<dyn Fn() -> String + Send + Sync>;
+
+fn respond(
+    state: &HealthState,
+    status: Option<&StatusProvider>,
+    path: &str,
+) -> (StatusCode, String) {
     match path {
         "/healthz" => (StatusCode::OK, "ok\n".into()),
+        "/status" if status.is_some() => (StatusCode::OK, status.map(|f| f()).unwrap_or_default()),
         "/readyz" => {
             let tripped = state
                 .guard
@@ -55,6 +63,15 @@ pub async fn serve(
     addr: SocketAddr,
     state: HealthState,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve_with_status(addr, state, None).await
+}
+
+/// [`serve`] plus `/status` (region health JSON) when `status` is given.
+pub async fn serve_with_status(
+    addr: SocketAddr,
+    state: HealthState,
+    status: Option<StatusProvider>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
@@ -63,9 +80,10 @@ pub async fn serve(
                 continue;
             };
             let state = state.clone();
+            let status = status.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (code, body) = respond(&state, req.uri().path());
+                    let (code, body) = respond(&state, status.as_ref(), req.uri().path());
                     async move {
                         Ok::<_, Infallible>(
                             Response::builder()

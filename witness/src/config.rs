@@ -86,6 +86,11 @@ pub struct ServeArgs {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// YAML link config (key file, UDP listen address, virtual IP, peers):
+    /// also serve the lease API over the WireGuard control link. See
+    /// docs/control-link.md.
+    #[arg(long, env = "CONTINUUM_WITNESS_LINK_CONFIG")]
+    pub link_config: Option<PathBuf>,
     /// DNS publication of lease holders to PowerDNS (`--pdns-*`).
     #[command(flatten)]
     pub dns: crate::dns_publish::DnsArgs,

@@ -59,12 +59,39 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store = witness.store_kind(),
         "witness serving: HTTPS lease API on `api`, /metrics /healthz /readyz on `health`"
     );
+    // The lease API over the control link (same Witness::handle as HTTPS).
+    let _link = match &args.link_config {
+        Some(path) => Some(serve_link(path, &witness).await?),
+        None => None,
+    };
     tokio::select! {
         r = crate::https::serve_api(api, tls, witness.clone()) => r.context("API server stopped")?,
         r = crate::health::serve_health(health, witness.clone()) => r.context("health server stopped")?,
         _ = shutdown_signal() => tracing::info!("signal received; witness stopping"),
     }
     Ok(())
+}
+
+/// Binds the link endpoint of `--link-config` and spawns `link_api::serve`.
+/// The returned endpoint must live as long as the witness serves.
+async fn serve_link(
+    path: &std::path::Path,
+    witness: &Arc<Witness>,
+) -> anyhow::Result<Arc<continuum_shared::link::LinkEndpoint>> {
+    use continuum_shared::link::{config::LinkConfigFile, LinkEndpoint};
+    let file = LinkConfigFile::load(path)?;
+    let (endpoint, inbound) = LinkEndpoint::bind(file.link.clone(), witness.metrics().registry())
+        .await
+        .with_context(|| format!("cannot start the link of --link-config {}", path.display()))?;
+    let endpoint = Arc::new(endpoint);
+    tracing::info!(listen = %endpoint.local_addr(), virtual_ip = %file.link.virtual_ip,
+        peers = file.link.peers.len(), "witness serving the lease API over the control link");
+    tokio::spawn(crate::link_api::serve(
+        witness.clone(),
+        endpoint.clone(),
+        inbound,
+    ));
+    Ok(endpoint)
 }
 
 async fn shutdown_signal() {

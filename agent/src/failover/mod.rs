@@ -11,6 +11,7 @@
 //! * a fence guard that fences the database the instant the deadline passes
 //!   without a renewal, whatever the loop is doing.
 
+mod link;
 mod observe;
 
 use std::net::SocketAddr;
@@ -49,9 +50,25 @@ pub struct FailoverArgs {
         long = "witness",
         env = "CONTINUUM_WITNESSES",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "witness_link_peers"
     )]
     pub witnesses: Vec<String>,
+    /// YAML link config (key file, UDP listen address, virtual IP, peers) of
+    /// the WireGuard control link: reach the `--witness-link-peer` witnesses
+    /// over it, and serve region health of every link peer as `/status` JSON
+    /// and metrics on the health port. See docs/control-link.md.
+    #[arg(long, env = "CONTINUUM_WITNESS_LINK_CONFIG")]
+    pub witness_link_config: Option<PathBuf>,
+    /// Name (in `--witness-link-config`) of a witness to reach over the link;
+    /// repeat (or comma-separate) for several. Counts toward the majority
+    /// like a `--witness` URL.
+    #[arg(
+        long = "witness-link-peer",
+        env = "CONTINUUM_WITNESS_LINK_PEERS",
+        value_delimiter = ',',
+        requires = "witness_link_config"
+    )]
+    pub witness_link_peers: Vec<String>,
     /// CA that signed the witnesses' server certificates.
     #[arg(long, env = "CONTINUUM_TLS_CA")]
     pub tls_ca: PathBuf,
@@ -208,17 +225,37 @@ async fn run_async(args: FailoverArgs) -> anyhow::Result<()> {
     anyhow::ensure!(region != peer, "--region and --peer must differ");
     let lease = LeaseName::new(args.lease.clone()).context("--lease")?;
     let ttl = Duration::from_millis(args.ttl_ms);
-    let tls = TlsMaterial::from_files(&args.tls_ca, &args.tls_cert, &args.tls_key)
-        .context("TLS material")?;
     // A witness call must finish well inside one renewal period.
     let call_timeout = (ttl / 6).max(Duration::from_millis(100));
     let mut witnesses: Vec<Arc<dyn LeaseTransport>> = Vec::new();
-    for url in &args.witnesses {
-        witnesses.push(Arc::new(
-            HttpsTransport::new(url, &tls, call_timeout)
-                .with_context(|| format!("witness {url}"))?,
-        ));
+    if !args.witnesses.is_empty() {
+        let tls = TlsMaterial::from_files(&args.tls_ca, &args.tls_cert, &args.tls_key)
+            .context("TLS material")?;
+        for url in &args.witnesses {
+            witnesses.push(Arc::new(
+                HttpsTransport::new(url, &tls, call_timeout)
+                    .with_context(|| format!("witness {url}"))?,
+            ));
+        }
     }
+    let registry = Registry::new();
+    // Witnesses over the control link, and region health (`/status`).
+    let witness_link = match &args.witness_link_config {
+        Some(path) => {
+            let l = link::start(
+                path,
+                &args.witness_link_peers,
+                &args.region,
+                &args.pg_conninfo,
+                call_timeout,
+                &registry,
+            )
+            .await?;
+            witnesses.extend(l.transports.iter().cloned());
+            Some(l)
+        }
+        None => None,
+    };
     let cfg = QuorumConfig {
         max_drift: args.max_drift,
         margin: Duration::from_millis(args.margin_ms),
@@ -227,7 +264,6 @@ async fn run_async(args: FailoverArgs) -> anyhow::Result<()> {
     cfg.validate(ttl).context("lease timing")?;
     let client = Arc::new(QuorumClient::new(witnesses, cfg).context("quorum client")?);
 
-    let registry = Registry::new();
     let metrics = Metrics::new(&registry)?;
     let health = crate::health::HealthState {
         registry: registry.clone(),
@@ -236,10 +272,12 @@ async fn run_async(args: FailoverArgs) -> anyhow::Result<()> {
             Duration::from_secs(3600),
         ))),
     };
-    let (bound, _health_task) = crate::health::serve(args.health_listen, health)
-        .await
-        .with_context(|| format!("health port {}", args.health_listen))?;
-    tracing::info!(health = %bound, %region, %peer, lease = %lease, ttl_ms = args.ttl_ms, witnesses = ?args.witnesses, "failover runner starting");
+    let status = witness_link.as_ref().map(|l| l.status.clone());
+    let (bound, _health_task) =
+        crate::health::serve_with_status(args.health_listen, health, status)
+            .await
+            .with_context(|| format!("health port {}", args.health_listen))?;
+    tracing::info!(health = %bound, %region, %peer, lease = %lease, ttl_ms = args.ttl_ms, witnesses = ?args.witnesses, link_witnesses = ?args.witness_link_peers, "failover runner starting");
 
     let (grant_tx, grant_rx) = watch::channel(None);
     let status = Arc::new(Mutex::new(serde_json::json!({ "region": region.as_str() })));

@@ -14,6 +14,7 @@
 //! [`core`] (sans-I/O state machine around boringtun), [`endpoint`] (tokio
 //! socket and timers), [`keys`] (key files).
 
+pub mod config;
 pub mod core;
 pub mod endpoint;
 pub mod heartbeat;
