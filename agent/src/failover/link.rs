@@ -117,3 +117,81 @@ pub(super) async fn start(
         monitor,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::FailoverArgs;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: FailoverArgs,
+    }
+
+    const BASE: [&str; 11] = [
+        "failover",
+        "--region",
+        "eu-1",
+        "--peer",
+        "us-1",
+        "--tls-ca",
+        "ca.pem",
+        "--tls-cert",
+        "c.pem",
+        "--tls-key",
+        "k.pem",
+    ];
+
+    fn parse(extra: &[&str]) -> Result<FailoverArgs, clap::Error> {
+        let argv = BASE
+            .iter()
+            .chain(["--pg-conninfo", "host=db"].iter())
+            .chain(extra.iter());
+        Cli::try_parse_from(argv).map(|c| c.args)
+    }
+
+    #[test]
+    fn witnesses_over_https_the_link_or_both() {
+        let cases: [(&str, &[&str], Option<(usize, usize)>); 5] = [
+            ("no witness at all", &[], None),
+            ("https only", &["--witness", "https://w:7443"], Some((1, 0))),
+            (
+                "link only, two peers",
+                &[
+                    "--witness-link-config",
+                    "link.yaml",
+                    "--witness-link-peer",
+                    "witness-a",
+                    "--witness-link-peer",
+                    "witness-b",
+                ],
+                Some((0, 2)),
+            ),
+            (
+                "both",
+                &[
+                    "--witness",
+                    "https://w:7443",
+                    "--witness-link-config",
+                    "link.yaml",
+                    "--witness-link-peer",
+                    "witness-b,witness-c",
+                ],
+                Some((1, 2)),
+            ),
+            (
+                "link peer without a link config",
+                &["--witness-link-peer", "witness-a"],
+                None,
+            ),
+        ];
+        for (what, extra, want) in cases {
+            let got = parse(extra)
+                .ok()
+                .map(|a| (a.witnesses.len(), a.witness_link_peers.len()));
+            assert_eq!(got, want, "{what}");
+        }
+    }
+}
