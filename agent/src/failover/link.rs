@@ -152,9 +152,16 @@ mod tests {
         Cli::try_parse_from(argv).map(|c| c.args)
     }
 
+    /// (what, extra args, (HTTPS witnesses, link witnesses) or a parse error)
+    type Case = (
+        &'static str,
+        &'static [&'static str],
+        Option<(usize, usize)>,
+    );
+
     #[test]
     fn witnesses_over_https_the_link_or_both() {
-        let cases: [(&str, &[&str], Option<(usize, usize)>); 5] = [
+        let cases: [Case; 5] = [
             ("no witness at all", &[], None),
             ("https only", &["--witness", "https://w:7443"], Some((1, 0))),
             (
