@@ -145,9 +145,7 @@ fn desired_standby(obs: &Observation<'_>, db: &DbState) -> Option<HolderId> {
 /// witnesses: a requirement naming this region itself (a promoted standby
 /// inherits its old primary's settings) protects nothing.
 fn effective_required(obs: &Observation<'_>, db: &DbState) -> Option<HolderId> {
-    db.required_standby
-        .clone()
-        .filter(|s| s != obs.region)
+    db.required_standby.clone().filter(|s| s != obs.region)
 }
 
 /// Decide the next action. See the module documentation for the rules.
@@ -245,7 +243,8 @@ fn standby_not_holding(obs: &Observation<'_>, _db: &DbState) -> Action {
         .and_then(|(_, m)| m.sync_standby.as_ref());
     if named != Some(obs.region) {
         return Action::Wait {
-            reason: "standby: lease expired but this region is not the recorded synchronous standby",
+            reason:
+                "standby: lease expired but this region is not the recorded synchronous standby",
         };
     }
     if obs.mode == Mode::Manual {
@@ -356,35 +355,215 @@ mod tests {
     #[test]
     fn decision_table() {
         let cases = [
-            Case { name: "steady primary waits", ..BASE },
-            Case { name: "deadline passed: fence first", held: Some((1, -1)), want: "fence", ..BASE },
-            Case { name: "deadline exactly now: fence", held: Some((1, 0)), want: "fence", ..BASE },
-            Case { name: "no lease at all: fence", held: None, want: "fence", ..BASE },
-            Case { name: "fenced, lease held elsewhere: stay", held: None, fenced: true, want: "wait", ..BASE },
-            Case { name: "fenced, newer epoch granted: stay fenced", held: None, fenced: true, view: Some((true, 2, None)), want: "wait", ..BASE },
-            Case { name: "fenced, lease free at our epoch: re-acquire", held: None, fenced: true, view: Some((true, 1, None)), want: "acquire", ..BASE },
-            Case { name: "fenced, no majority: wait", held: None, fenced: true, view: None, want: "wait", ..BASE },
-            Case { name: "bootstrap: fresh primary, nothing granted", held: None, fenced: true, db_epoch: 0, view: Some((true, 0, None)), recorded: None, want: "acquire", ..BASE },
-            Case { name: "held and fenced: unfence", fenced: true, want: "unfence", ..BASE },
-            Case { name: "held, fenced, peer gone, preferred: record none first", fenced: true, peer_attached: false, recorded: None, want: "update_meta", ..BASE },
-            Case { name: "held, fenced, peer gone, none recorded: unfence async", fenced: true, peer_attached: false, recorded: Some(None), want: "unfence", ..BASE },
-            Case { name: "new epoch not yet in db: record it", held: Some((2, 1000)), want: "record_epoch", ..BASE },
-            Case { name: "meta not yet recorded this epoch", recorded: None, want: "update_meta", ..BASE },
-            Case { name: "peer detached, preferred: record none before weakening", peer_attached: false, want: "update_meta", ..BASE },
-            Case { name: "peer detached, none recorded: weaken", peer_attached: false, recorded: Some(None), want: "set_required_standby", ..BASE },
-            Case { name: "peer detached, required policy: keep waiting", peer_attached: false, policy: SyncPolicy::Required, want: "wait", ..BASE },
-            Case { name: "peer back: require it before recording it", required: None, recorded: Some(None), want: "set_required_standby", ..BASE },
-            Case { name: "required now, record it", recorded: Some(None), want: "update_meta", ..BASE },
-            Case { name: "promoted standby requiring itself: record none first", required: Some("a"), peer_attached: false, recorded: None, want: "update_meta", ..BASE },
-            Case { name: "promoted standby requiring itself: then drop it", required: Some("a"), peer_attached: false, recorded: Some(None), want: "set_required_standby", ..BASE },
-            Case { name: "standby, primary holds: wait", primary: false, held: None, want: "wait", ..BASE },
-            Case { name: "standby, expired, named: acquire", primary: false, held: None, view: Some((true, 1, Some((1, Some("a"))))), want: "acquire", ..BASE },
-            Case { name: "standby, expired, other named: wait", primary: false, held: None, view: Some((true, 1, Some((1, Some("b"))))), want: "wait", ..BASE },
-            Case { name: "standby, expired, none recorded: wait", primary: false, held: None, view: Some((true, 1, Some((1, None)))), want: "wait", ..BASE },
-            Case { name: "standby, expired, no meta at all: wait", primary: false, held: None, view: Some((true, 1, None)), want: "wait", ..BASE },
-            Case { name: "standby, expired, named, manual: wait", primary: false, held: None, mode: Mode::Manual, view: Some((true, 1, Some((1, Some("a"))))), want: "wait", ..BASE },
-            Case { name: "standby, no majority: wait", primary: false, held: None, view: None, want: "wait", ..BASE },
-            Case { name: "standby holding: promote", primary: false, held: Some((2, 1000)), want: "promote", ..BASE },
+            Case {
+                name: "steady primary waits",
+                ..BASE
+            },
+            Case {
+                name: "deadline passed: fence first",
+                held: Some((1, -1)),
+                want: "fence",
+                ..BASE
+            },
+            Case {
+                name: "deadline exactly now: fence",
+                held: Some((1, 0)),
+                want: "fence",
+                ..BASE
+            },
+            Case {
+                name: "no lease at all: fence",
+                held: None,
+                want: "fence",
+                ..BASE
+            },
+            Case {
+                name: "fenced, lease held elsewhere: stay",
+                held: None,
+                fenced: true,
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "fenced, newer epoch granted: stay fenced",
+                held: None,
+                fenced: true,
+                view: Some((true, 2, None)),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "fenced, lease free at our epoch: re-acquire",
+                held: None,
+                fenced: true,
+                view: Some((true, 1, None)),
+                want: "acquire",
+                ..BASE
+            },
+            Case {
+                name: "fenced, no majority: wait",
+                held: None,
+                fenced: true,
+                view: None,
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "bootstrap: fresh primary, nothing granted",
+                held: None,
+                fenced: true,
+                db_epoch: 0,
+                view: Some((true, 0, None)),
+                recorded: None,
+                want: "acquire",
+                ..BASE
+            },
+            Case {
+                name: "held and fenced: unfence",
+                fenced: true,
+                want: "unfence",
+                ..BASE
+            },
+            Case {
+                name: "held, fenced, peer gone, preferred: record none first",
+                fenced: true,
+                peer_attached: false,
+                recorded: None,
+                want: "update_meta",
+                ..BASE
+            },
+            Case {
+                name: "held, fenced, peer gone, none recorded: unfence async",
+                fenced: true,
+                peer_attached: false,
+                recorded: Some(None),
+                want: "unfence",
+                ..BASE
+            },
+            Case {
+                name: "new epoch not yet in db: record it",
+                held: Some((2, 1000)),
+                want: "record_epoch",
+                ..BASE
+            },
+            Case {
+                name: "meta not yet recorded this epoch",
+                recorded: None,
+                want: "update_meta",
+                ..BASE
+            },
+            Case {
+                name: "peer detached, preferred: record none before weakening",
+                peer_attached: false,
+                want: "update_meta",
+                ..BASE
+            },
+            Case {
+                name: "peer detached, none recorded: weaken",
+                peer_attached: false,
+                recorded: Some(None),
+                want: "set_required_standby",
+                ..BASE
+            },
+            Case {
+                name: "peer detached, required policy: keep waiting",
+                peer_attached: false,
+                policy: SyncPolicy::Required,
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "peer back: require it before recording it",
+                required: None,
+                recorded: Some(None),
+                want: "set_required_standby",
+                ..BASE
+            },
+            Case {
+                name: "required now, record it",
+                recorded: Some(None),
+                want: "update_meta",
+                ..BASE
+            },
+            Case {
+                name: "promoted standby requiring itself: record none first",
+                required: Some("a"),
+                peer_attached: false,
+                recorded: None,
+                want: "update_meta",
+                ..BASE
+            },
+            Case {
+                name: "promoted standby requiring itself: then drop it",
+                required: Some("a"),
+                peer_attached: false,
+                recorded: Some(None),
+                want: "set_required_standby",
+                ..BASE
+            },
+            Case {
+                name: "standby, primary holds: wait",
+                primary: false,
+                held: None,
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "standby, expired, named: acquire",
+                primary: false,
+                held: None,
+                view: Some((true, 1, Some((1, Some("a"))))),
+                want: "acquire",
+                ..BASE
+            },
+            Case {
+                name: "standby, expired, other named: wait",
+                primary: false,
+                held: None,
+                view: Some((true, 1, Some((1, Some("b"))))),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "standby, expired, none recorded: wait",
+                primary: false,
+                held: None,
+                view: Some((true, 1, Some((1, None)))),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "standby, expired, no meta at all: wait",
+                primary: false,
+                held: None,
+                view: Some((true, 1, None)),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "standby, expired, named, manual: wait",
+                primary: false,
+                held: None,
+                mode: Mode::Manual,
+                view: Some((true, 1, Some((1, Some("a"))))),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "standby, no majority: wait",
+                primary: false,
+                held: None,
+                view: None,
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "standby holding: promote",
+                primary: false,
+                held: Some((2, 1000)),
+                want: "promote",
+                ..BASE
+            },
         ];
         for c in &cases {
             let got = run(c);

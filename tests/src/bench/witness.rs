@@ -395,7 +395,7 @@ fn print_largest_mappings(pid: u32) {
             current = line.to_string();
         }
     }
-    maps.sort_by(|a, b| b.0.cmp(&a.0));
+    maps.sort_by_key(|m| std::cmp::Reverse(m.0));
     for (kb, m) in maps.iter().take(5) {
         eprintln!("rss {kb:>8} kB  {m}");
     }
