@@ -5,7 +5,10 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "bench", about = "Continuum benchmarks (figures, never pass/fail)")]
+#[command(
+    name = "bench",
+    about = "Continuum benchmarks (figures, never pass/fail)"
+)]
 struct Cli {
     /// Print one JSON object instead of a table.
     #[arg(long, global = true)]
