@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bins;
 pub mod checker;
 pub mod drill;
 pub mod etcd_proc;

@@ -98,24 +98,9 @@ impl WitnessOpts {
     }
 }
 
-/// Path of the witness binary next to the running executable.
+/// Path of the witness binary (see [`crate::bins`]).
 pub fn witness_bin() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("CONTINUUM_WITNESS_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().context("current_exe")?;
-    // target/<profile>/deps/<test> or target/<profile>/<bin>
-    for dir in exe.ancestors().skip(1).take(2) {
-        let candidate = dir.join("continuum-witness");
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    anyhow::bail!(
-        "continuum-witness binary not found next to {}; build with cargo build -p continuum-witness \
-         (with --release for release-built benchmarks) or set CONTINUUM_WITNESS_BIN",
-        exe.display()
-    )
+    crate::bins::workspace_bin("continuum-witness")
 }
 
 /// A free loopback TCP port (bound, then released).

@@ -36,30 +36,7 @@ fn stuck() -> usize {
 const THRESHOLD_S: i64 = 3;
 
 fn agent_bin() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("CONTINUUM_AGENT_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().context("current_exe")?;
-    for dir in exe.ancestors().skip(1).take(2) {
-        let candidate = dir.join("continuum-agent");
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    let release = exe
-        .ancestors()
-        .any(|d| d.file_name().is_some_and(|n| n == "release"));
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "-p", "continuum-agent"]);
-    if release {
-        cmd.arg("--release");
-    }
-    let status = cmd
-        .status()
-        .context("running cargo build -p continuum-agent")?;
-    anyhow::ensure!(status.success(), "cargo build -p continuum-agent failed");
-    let dir = exe.parent().context("exe dir")?;
-    Ok(dir.join("continuum-agent"))
+    crate::bins::workspace_bin("continuum-agent")
 }
 
 fn ts(t: Timestamp) -> String {

@@ -223,19 +223,8 @@ fn transports(w: &WitnessProc) -> anyhow::Result<Vec<Arc<HttpsTransport>>> {
         .collect()
 }
 
-/// The release witness binary, built on demand when the benchmark runs
-/// under `cargo run` (which sets `CARGO`).
+/// The witness binary, built on demand under `cargo run` (see [`crate::bins`]).
 fn ensure_release_witness() -> anyhow::Result<()> {
-    if crate::witness_proc::witness_bin().is_ok() {
-        return Ok(());
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("building the release witness: cargo build --release -p continuum-witness");
-    let status = std::process::Command::new(cargo)
-        .args(["build", "--release", "-p", "continuum-witness"])
-        .status()
-        .context("running cargo")?;
-    anyhow::ensure!(status.success(), "building continuum-witness failed");
     crate::witness_proc::witness_bin().map(|_| ())
 }
 

@@ -40,49 +40,12 @@ pub struct DrillOpts {
     pub warmup: Duration,
 }
 
-/// A binary of this workspace next to the running executable
-/// (target/<profile>/), built first when the drill runs under `cargo run`.
-pub fn workspace_bin(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("current_exe")?;
-    for dir in exe.ancestors().skip(1).take(2) {
-        let candidate = dir.join(name);
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    bail!(
-        "{name} not found next to {}; build it with cargo build --release -p {name}",
-        exe.display()
-    )
-}
+pub use crate::bins::workspace_bin;
 
-/// Under `cargo run`, make sure the agent and witness binaries of the same
-/// profile are built and current.
+/// Builds the agent and witness binaries of the running profile (under
+/// `cargo run`/`cargo test`; see [`crate::bins`]).
 pub fn build_sibling_binaries() -> Result<()> {
-    let Some(cargo) = std::env::var_os("CARGO") else {
-        return Ok(());
-    };
-    let exe = std::env::current_exe().context("current_exe")?;
-    let release = exe.ancestors().any(|d| d.ends_with("release"));
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "-q",
-        "-p",
-        "continuum-agent",
-        "-p",
-        "continuum-witness",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    let status = cmd
-        .status()
-        .context("cargo build of the agent and witness")?;
-    if !status.success() {
-        bail!("building continuum-agent and continuum-witness failed");
-    }
-    Ok(())
+    workspace_bin("continuum-agent").map(|_| ())
 }
 
 /// One region's agent process.

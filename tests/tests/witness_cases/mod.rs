@@ -1,4 +1,6 @@
 //! API scenarios run against every witness store (embedded and etcd).
+//! Each test file uses the scenarios it needs; the rest are unused there.
+#![allow(dead_code)]
 
 use continuum_shared::lease::{
     Acquire, Epoch, HolderId, LeaseMeta, LeaseName, LeaseView, Read, Release, Request, Response,
@@ -171,7 +173,9 @@ pub async fn bad_input(w: &WitnessProc) {
         r#"{{"acquire":{{"name":"{lease}","holder":"us-1","epoch":9,"ttl_ms":1000,"pad":"{}"}}}}"#,
         "x".repeat(9000)
     );
-    let cases: Vec<(&str, &str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+    // (case, method, content type, body, expected status, expected message)
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("malformed", "POST", json, b"{\"acquire\": {".to_vec(), 400, "not a valid lease request"),
         ("not json", "POST", json, b"\x00\x01garbage".to_vec(), 400, "not a valid lease request"),
         ("empty", "POST", json, Vec::new(), 400, "not a valid lease request"),
