@@ -5,12 +5,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use continuum_witness::config::{LogFormat, ServeArgs};
 
-/// mimalloc instead of glibc malloc: with glibc, each new grant left several
-/// KB of freed-but-retained heap behind (fragmentation between per-request
-/// buffers and long-lived lease records), about 100 MB RSS for 10,000 leases.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Continuum witness: grants named leases with fencing epochs so that at most
 /// one region is primary.
 #[derive(Debug, Parser)]
