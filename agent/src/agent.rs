@@ -63,7 +63,7 @@ impl Agent {
             opts.health_addr,
             HealthState {
                 registry: registry.clone(),
-                guard: guard.clone(),
+                guard: Some(guard.clone()),
             },
         )
         .await?;

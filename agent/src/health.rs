@@ -18,7 +18,19 @@ use crate::hr_recovery::guardrail::Guardrail;
 #[derive(Clone)]
 pub struct HealthState {
     pub registry: Registry,
-    pub guard: Arc<Mutex<Guardrail>>,
+    /// The HR recovery guardrail; `/readyz` is 503 while it is tripped.
+    /// Components without one pass `None` and are ready while they serve.
+    pub guard: Option<Arc<Mutex<Guardrail>>>,
+}
+
+impl HealthState {
+    /// Health for a component with no guardrail.
+    pub fn without_guardrail(registry: Registry) -> Self {
+        HealthState {
+            registry,
+            guard: None,
+        }
+    }
 }
 
 /// Renders the region-health `/status` JSON document (served when given).
@@ -35,9 +47,8 @@ fn respond(
         "/readyz" => {
             let tripped = state
                 .guard
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .tripped_at();
+                .as_ref()
+                .and_then(|g| g.lock().unwrap_or_else(|e| e.into_inner()).tripped_at());
             match tripped {
                 Some(t) => (
                     StatusCode::SERVICE_UNAVAILABLE,

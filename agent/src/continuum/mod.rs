@@ -8,7 +8,7 @@ pub mod controller;
 pub mod crd;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -21,7 +21,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::health::{self, HealthState};
-use crate::hr_recovery::guardrail::Guardrail;
 use crate::leader::{self, LeaderConfig};
 use controller::{ControllerConfig, Ctx, Metrics};
 
@@ -108,14 +107,7 @@ impl ContinuumAgent {
         registry.register(Box::new(leader_gauge.clone()))?;
         let (health_addr, health_task) = health::serve(
             opts.health_addr,
-            HealthState {
-                registry: registry.clone(),
-                // This controller has no recovery guardrail; readiness only.
-                guard: Arc::new(Mutex::new(Guardrail::new(
-                    usize::MAX,
-                    Duration::from_secs(3600),
-                ))),
-            },
+            HealthState::without_guardrail(registry.clone()),
         )
         .await?;
         let (leading_tx, leading_rx) = watch::channel(false);

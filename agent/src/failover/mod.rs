@@ -265,13 +265,7 @@ async fn run_async(args: FailoverArgs) -> anyhow::Result<()> {
     let client = Arc::new(QuorumClient::new(witnesses, cfg).context("quorum client")?);
 
     let metrics = Metrics::new(&registry)?;
-    let health = crate::health::HealthState {
-        registry: registry.clone(),
-        guard: Arc::new(Mutex::new(crate::hr_recovery::guardrail::Guardrail::new(
-            usize::MAX,
-            Duration::from_secs(3600),
-        ))),
-    };
+    let health = crate::health::HealthState::without_guardrail(registry.clone());
     let status = witness_link.as_ref().map(|l| l.status.clone());
     let (bound, _health_task) =
         crate::health::serve_with_status(args.health_listen, health, status)

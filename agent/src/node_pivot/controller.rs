@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference};
@@ -19,7 +18,6 @@ use tokio::task::JoinHandle;
 use super::writer::WriteOutcome;
 use super::{apply, decide, read_secret_dir, render, Paths, PivotError, Target};
 use crate::health::{self, HealthState};
-use crate::hr_recovery::guardrail::Guardrail;
 
 #[derive(Debug, Clone)]
 pub struct NodePivotOptions {
@@ -125,17 +123,9 @@ impl NodePivot {
     pub async fn start(client: Client, opts: NodePivotOptions) -> anyhow::Result<Self> {
         let registry = Registry::new();
         let metrics = Metrics::new(&registry)?;
-        // The DaemonSet has no guardrail: a never-tripping one keeps /readyz at 200.
-        let guard = Arc::new(Mutex::new(Guardrail::new(
-            usize::MAX,
-            Duration::from_secs(3600),
-        )));
         let (health_addr, health_task) = health::serve(
             opts.health_addr,
-            HealthState {
-                registry: registry.clone(),
-                guard,
-            },
+            HealthState::without_guardrail(registry.clone()),
         )
         .await?;
         let reporter = Reporter {

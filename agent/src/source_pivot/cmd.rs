@@ -155,7 +155,7 @@ fn sources(a: SourcesArgs) -> anyhow::Result<()> {
 }
 
 fn watch_sources(a: WatchSourcesArgs) -> anyhow::Result<()> {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -163,13 +163,9 @@ fn watch_sources(a: WatchSourcesArgs) -> anyhow::Result<()> {
             let client = a.kube.client().await?;
             let registry = prometheus::Registry::new();
             let metrics = super::watch::Metrics::new(&registry)?;
-            let guard = Arc::new(Mutex::new(crate::hr_recovery::guardrail::Guardrail::new(
-                usize::MAX,
-                std::time::Duration::from_secs(3600),
-            )));
             let (health, health_task) = crate::health::serve(
                 a.health_addr,
-                crate::health::HealthState { registry, guard },
+                crate::health::HealthState::without_guardrail(registry),
             )
             .await?;
             let watch = super::watch::SourceWatch::start(
