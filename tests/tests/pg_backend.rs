@@ -55,6 +55,18 @@ struct Log {
     failures: u64,
 }
 
+/// Inserts `id` and asserts the commit is acknowledged within `bound`.
+async fn insert_acked(c: &tokio_postgres::Client, id: i64, bound: Duration, why: &str) {
+    let n = tokio::time::timeout(
+        bound,
+        c.execute("INSERT INTO acked (id) VALUES ($1)", &[&id]),
+    )
+    .await
+    .expect(why)
+    .unwrap();
+    assert_eq!(n, 1, "{why}");
+}
+
 /// Commits inserts in a loop, one new id per attempt, reconnecting after
 /// errors, recording every acknowledged id. `read_write` makes each session
 /// override the read-only default (a client that ignores the fence's second
@@ -241,14 +253,13 @@ async fn fence_stops_acknowledgements_and_every_ack_is_on_the_standby() {
         .await
         .unwrap();
     let c = primary.connect().await.unwrap();
-    let n = tokio::time::timeout(
+    insert_acked(
+        &c,
+        -2,
         Duration::from_secs(10),
-        c.execute("INSERT INTO acked (id) VALUES (-2)", &[]),
+        "acknowledged after unfence",
     )
-    .await
-    .expect("acknowledged after unfence")
-    .unwrap();
-    assert_eq!(n, 1);
+    .await;
     assert!(ids_on(&standby).await.contains(&-2));
 }
 
@@ -314,14 +325,13 @@ async fn region_kill_promote_loses_no_acked_write_and_old_primary_stays_fenced()
         .await
         .unwrap();
     let b = standby.connect().await.unwrap();
-    let n = tokio::time::timeout(
+    insert_acked(
+        &b,
+        -10,
         Duration::from_secs(5),
-        b.execute("INSERT INTO acked (id) VALUES (-10)", &[]),
+        "promoted standby accepts writes",
     )
-    .await
-    .expect("promoted standby accepts writes")
-    .unwrap();
-    assert_eq!(n, 1);
+    .await;
 
     // A comes back by itself (no agent): still configured as primary, but
     // nobody can acknowledge its commits.
@@ -378,14 +388,13 @@ async fn region_kill_promote_loses_no_acked_write_and_old_primary_stays_fenced()
     backend::set_synchronous_standby(&standby.conninfo(), Some("kill-a"))
         .await
         .unwrap();
-    let n = tokio::time::timeout(
+    insert_acked(
+        &b,
+        -30,
         Duration::from_secs(20),
-        b.execute("INSERT INTO acked (id) VALUES (-30)", &[]),
+        "B's commit acknowledged by the rebuilt A",
     )
-    .await
-    .expect("B's commit acknowledged by the rebuilt A")
-    .unwrap();
-    assert_eq!(n, 1);
+    .await;
     let on_a = ids_on(&primary).await;
     assert!(on_a.contains(&-30) && on_a.contains(&-10));
     assert!(
@@ -467,14 +476,13 @@ async fn promotion_waits_for_replay_and_old_primary_rebuilds_by_basebackup() {
         .await
         .unwrap();
     let b = standby.connect().await.unwrap();
-    let n = tokio::time::timeout(
+    insert_acked(
+        &b,
+        -1,
         Duration::from_secs(20),
-        b.execute("INSERT INTO acked (id) VALUES (-1)", &[]),
+        "acknowledged by the rebuilt standby",
     )
-    .await
-    .expect("acknowledged by the rebuilt standby")
-    .unwrap();
-    assert_eq!(n, 1);
+    .await;
     assert!(ids_on(&primary).await.contains(&-1));
     let a = primary.connect().await.unwrap();
     let in_recovery: bool = a
@@ -509,14 +517,13 @@ async fn planned_switchover_old_primary_follows_without_rebuild() {
         .await
         .unwrap();
     let b = standby.connect().await.unwrap();
-    let n = tokio::time::timeout(
+    insert_acked(
+        &b,
+        -1,
         Duration::from_secs(20),
-        b.execute("INSERT INTO acked (id) VALUES (-1)", &[]),
+        "the old primary follows the new timeline and acknowledges",
     )
-    .await
-    .expect("the old primary follows the new timeline and acknowledges")
-    .unwrap();
-    assert_eq!(n, 1);
+    .await;
     let on_a = ids_on(&primary).await;
     assert!(on_a.contains(&-1) && (1..=100).all(|i| on_a.contains(&i)));
     let facts = backend::primary_facts(&standby.conninfo()).await.unwrap();
