@@ -4,7 +4,9 @@
 //! Status codes: 200 for `Granted`/`Released`/`State`/`MetaStored`, 409 for
 //! refusals, 400 malformed, 413 too large, 415 wrong content type, 422 invalid
 //! field, 401 without a client certificate, 503 when the store failed, 404/405
-//! for other paths and methods. Every error body is `Response::Error` naming
+//! for other paths and methods. Connections that negotiate ALPN
+//! `continuum-lease/1` speak the pipelined lease stream instead
+//! ([`crate::stream`]). Every error body is `Response::Error` naming
 //! the problem, and nothing changes.
 
 use std::convert::Infallible;
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use continuum_shared::lease::{DecodeError, Request, Response, MAX_REQUEST_BYTES};
+use continuum_shared::transport::frame::LEASE_STREAM_ALPN;
 use http::{header, HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -103,6 +106,10 @@ pub async fn serve_api(
                 .1
                 .peer_certificates()
                 .is_some_and(|c| !c.is_empty());
+            if tls.get_ref().1.alpn_protocol() == Some(LEASE_STREAM_ALPN) {
+                crate::stream::serve_connection(tls, witness, authenticated).await;
+                return;
+            }
             let svc = service_fn(move |req| {
                 let witness = witness.clone();
                 // Boxed: the request future is large (it embeds the store's

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod serve;
 pub mod service;
 pub mod store;
+pub mod stream;
 pub mod tls;
 
 pub use service::{LeaseChange, Witness};

@@ -80,7 +80,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 
 /// Server configuration: `cert`/`key` as the server identity, client
 /// certificates optional at the TLS layer but verified against `client_ca`
-/// when presented. ALPN offers h2 and http/1.1.
+/// when presented. ALPN offers the lease stream, h2 and http/1.1.
 pub fn server_config(
     cert: &Path,
     key: &Path,
@@ -105,6 +105,10 @@ pub fn server_config(
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(cert)?, load_key(key)?)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![
+        continuum_shared::transport::frame::LEASE_STREAM_ALPN.to_vec(),
+        b"h2".to_vec(),
+        b"http/1.1".to_vec(),
+    ];
     Ok(Arc::new(config))
 }

@@ -7,7 +7,59 @@ use std::pin::Pin;
 
 use crate::lease::{Request, Response};
 
+pub mod frame;
 pub mod https;
+pub mod stream;
+
+/// Which protocol a quorum client speaks to its witnesses (both on the
+/// witness's API port, chosen by ALPN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WitnessProtocol {
+    /// One pipelined connection per witness ([`stream::StreamTransport`]).
+    #[default]
+    Stream,
+    /// One HTTP/1.1 request per call ([`https::HttpsTransport`]): `curl`-able.
+    Https,
+}
+
+impl std::str::FromStr for WitnessProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stream" => Ok(WitnessProtocol::Stream),
+            "https" => Ok(WitnessProtocol::Https),
+            other => Err(format!(
+                "unknown witness protocol {other:?}; use `stream` or `https`"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for WitnessProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WitnessProtocol::Stream => "stream",
+            WitnessProtocol::Https => "https",
+        })
+    }
+}
+
+/// A transport to the witness at `url` (`https://host:port`) speaking `protocol`.
+pub fn witness_transport(
+    protocol: WitnessProtocol,
+    url: &str,
+    tls: &https::TlsMaterial,
+    timeout: std::time::Duration,
+) -> Result<std::sync::Arc<dyn LeaseTransport>, TransportError> {
+    Ok(match protocol {
+        WitnessProtocol::Stream => {
+            std::sync::Arc::new(stream::StreamTransport::new(url, tls, timeout)?)
+        }
+        WitnessProtocol::Https => {
+            std::sync::Arc::new(https::HttpsTransport::new(url, tls, timeout)?)
+        }
+    })
+}
 
 /// A boxed, sendable future: keeps [`LeaseTransport`] object-safe without
 /// pulling in `async-trait`.
