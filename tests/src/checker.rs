@@ -470,7 +470,9 @@ pub mod harness {
     use crate::witness_proc::WitnessProc;
     use continuum_shared::quorum::QuorumConfig;
     use continuum_shared::transport::https::{HttpsTransport, TlsMaterial};
-    use continuum_shared::transport::{BoxFuture, LeaseTransport};
+    use continuum_shared::transport::{
+        witness_transport, BoxFuture, LeaseTransport, WitnessProtocol,
+    };
     use tokio::time::Instant;
 
     use super::workload::{contender, Counts};
@@ -529,7 +531,7 @@ pub mod harness {
         pub dropped: u64,
     }
 
-    /// Contenders against `urls` (each contender its own HTTPS clients,
+    /// Contenders against `urls` (each contender its own clients,
     /// wrapped in fault injection) while `crash` members are killed at random.
     pub async fn run<C: Crashable>(
         pki: &Pki,
@@ -555,11 +557,19 @@ pub mod harness {
         let mut faulty = Vec::new();
         let mut tasks = Vec::new();
         for c in 0..CONTENDERS {
-            let ts: Vec<Arc<FaultyTransport<HttpsTransport>>> = urls
+            // Half the contenders speak the pipelined lease stream, half
+            // HTTPS: both protocols face the same faults in every run.
+            let protocol = if c % 2 == 0 {
+                WitnessProtocol::Stream
+            } else {
+                WitnessProtocol::Https
+            };
+            let ts: Vec<Arc<FaultyTransport<Arc<dyn LeaseTransport>>>> = urls
                 .iter()
                 .enumerate()
                 .map(|(i, u)| {
-                    let t = HttpsTransport::new(u, &tls(pki), Duration::from_secs(1)).unwrap();
+                    let t =
+                        witness_transport(protocol, u, &tls(pki), Duration::from_secs(1)).unwrap();
                     Arc::new(FaultyTransport::new(
                         t,
                         faults.clone(),

@@ -364,6 +364,21 @@ impl TestClient {
         Ok((status, body))
     }
 
+    /// Opens a raw lease-stream connection (ALPN `continuum-lease/1`), for
+    /// tests that write arbitrary frames.
+    pub async fn raw_stream(
+        &self,
+    ) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols =
+            vec![continuum_shared::transport::frame::LEASE_STREAM_ALPN.to_vec()];
+        let tcp = tokio::net::TcpStream::connect(self.addr).await?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("127.0.0.1")?.to_owned(), tcp)
+            .await?;
+        Ok(tls)
+    }
+
     /// POSTs raw bytes to `/v1/lease` as JSON.
     pub async fn post(&self, body: impl Into<Vec<u8>>) -> anyhow::Result<(u16, Response)> {
         let (status, body) = self

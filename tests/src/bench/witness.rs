@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use continuum_shared::lease::{Acquire, Epoch, HolderId, LeaseName, Request, Response};
-use continuum_shared::transport::https::{HttpsTransport, TlsMaterial};
-use continuum_shared::transport::LeaseTransport;
+use continuum_shared::transport::https::TlsMaterial;
+use continuum_shared::transport::{witness_transport, LeaseTransport, WitnessProtocol};
 use etcd_client::{
     Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
 };
@@ -63,11 +63,11 @@ fn round(x: f64) -> f64 {
 #[allow(clippy::large_enum_variant)]
 enum Worker {
     WitnessRenew {
-        t: Arc<HttpsTransport>,
+        t: Arc<dyn LeaseTransport>,
         req: Request,
     },
     WitnessAcquire {
-        t: Arc<HttpsTransport>,
+        t: Arc<dyn LeaseTransport>,
         prefix: String,
         holder: HolderId,
         ttl_ms: u64,
@@ -211,14 +211,21 @@ fn tls(pki: &Pki) -> TlsMaterial {
     }
 }
 
-fn transports(w: &WitnessProc) -> anyhow::Result<Vec<Arc<HttpsTransport>>> {
+/// `CONNECTIONS` clients of the witness: lease stream clients (one
+/// pipelined connection each, like etcd's channels) or HTTPS clients (a
+/// keep-alive HTTP/1.1 pool each).
+fn transports(
+    w: &WitnessProc,
+    protocol: WitnessProtocol,
+) -> anyhow::Result<Vec<Arc<dyn LeaseTransport>>> {
     (0..CONNECTIONS)
         .map(|_| {
-            Ok(Arc::new(HttpsTransport::new(
+            Ok(witness_transport(
+                protocol,
                 &w.api_url(),
                 &tls(w.pki()),
                 Duration::from_secs(5),
-            )?))
+            )?)
         })
         .collect()
 }
@@ -288,13 +295,13 @@ fn holder(w: usize) -> anyhow::Result<HolderId> {
     Ok(HolderId::new(format!("bench-{w}"))?)
 }
 
-async fn witness_renew(w: &WitnessProc) -> anyhow::Result<Figures> {
-    let ts = transports(w)?;
+async fn witness_renew(w: &WitnessProc, protocol: WitnessProtocol) -> anyhow::Result<Figures> {
+    let ts = transports(w, protocol)?;
     let mut workers = Vec::new();
     for i in 0..WORKERS {
         let t = Arc::clone(&ts[i % CONNECTIONS]);
         let a = Acquire {
-            name: LeaseName::new(format!("bench/renew/{i}"))?,
+            name: LeaseName::new(format!("bench/renew-{protocol}/{i}"))?,
             holder: holder(i)?,
             epoch: Epoch(1),
             ttl_ms: 30_000,
@@ -311,8 +318,13 @@ async fn witness_renew(w: &WitnessProc) -> anyhow::Result<Figures> {
     phase(workers, witness_pid(w.api_addr().port())?).await
 }
 
-async fn witness_acquire(w: &WitnessProc, tag: &str, ttl_ms: u64) -> anyhow::Result<Figures> {
-    let ts = transports(w)?;
+async fn witness_acquire(
+    w: &WitnessProc,
+    protocol: WitnessProtocol,
+    tag: &str,
+    ttl_ms: u64,
+) -> anyhow::Result<Figures> {
+    let ts = transports(w, protocol)?;
     let workers = (0..WORKERS)
         .map(|i| {
             Ok(Worker::WitnessAcquire {
@@ -395,7 +407,7 @@ fn print_largest_mappings(pid: u32) {
 async fn witness_rss() -> anyhow::Result<(f64, f64)> {
     let w = tokio::task::spawn_blocking(|| WitnessProc::start(WitnessOpts::default())).await??;
     let pid = witness_pid(w.api_addr().port())?;
-    let ts = transports(&w)?;
+    let ts = transports(&w, WitnessProtocol::Stream)?;
     // One request first so the idle figure includes a TLS session.
     let probe = Request::Read(continuum_shared::lease::Read {
         name: LeaseName::new("bench/probe")?,
@@ -453,46 +465,48 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
         .await??
     };
 
-    let w_renew = witness_renew(&w).await?;
-    let w_acq = witness_acquire(&w, "acquire", 30_000).await?;
+    let w_renew = witness_renew(&w, WitnessProtocol::Stream).await?;
+    let w_acq = witness_acquire(&w, WitnessProtocol::Stream, "acquire", 30_000).await?;
+    let h_renew = witness_renew(&w, WitnessProtocol::Https).await?;
+    let h_acq = witness_acquire(&w, WitnessProtocol::Https, "acquire-https", 30_000).await?;
     let e_renew = etcd_renew(&etcd).await?;
     let e_acq = etcd_acquire(&etcd).await?;
     drop(w);
     let (rss_idle, rss_10k) = witness_rss().await?;
 
     let renew_ratio = w_renew.ops_per_s / e_renew.ops_per_s;
+    let https_ratio = h_renew.ops_per_s / e_renew.ops_per_s;
+    let figures = |f: &Figures, a: &Figures| {
+        json!({
+            "renew_ops_per_s": round(f.ops_per_s),
+            "renew_p50_ms": round(f.p50_ms),
+            "renew_p99_ms": round(f.p99_ms),
+            "renew_errors": f.errors,
+            "renew_server_cpu_us_per_op": round(f.server_cpu_us_per_op),
+            "renew_client_cpu_us_per_op": round(f.client_cpu_us_per_op),
+            "acquire_ops_per_s": round(a.ops_per_s),
+            "acquire_p50_ms": round(a.p50_ms),
+            "acquire_p99_ms": round(a.p99_ms),
+            "acquire_errors": a.errors,
+            "acquire_server_cpu_us_per_op": round(a.server_cpu_us_per_op),
+        })
+    };
     if json_out {
+        let mut witness = figures(&w_renew, &w_acq);
+        witness["protocol"] = json!("stream");
+        witness["rss_mb_idle"] = json!(round(rss_idle));
+        witness["rss_mb_10k_leases"] = json!(round(rss_10k));
+        let mut witness_https = figures(&h_renew, &h_acq);
+        witness_https["protocol"] = json!("https");
         let obj = json!({
             "workers": WORKERS,
             "connections": CONNECTIONS,
             "phase_s": PHASE.as_secs_f64(),
-            "witness": {
-                "renew_ops_per_s": round(w_renew.ops_per_s),
-                "renew_p50_ms": round(w_renew.p50_ms),
-                "renew_p99_ms": round(w_renew.p99_ms),
-                "renew_errors": w_renew.errors,
-                "renew_server_cpu_us_per_op": round(w_renew.server_cpu_us_per_op),
-                "renew_client_cpu_us_per_op": round(w_renew.client_cpu_us_per_op),
-                "acquire_ops_per_s": round(w_acq.ops_per_s),
-                "acquire_p50_ms": round(w_acq.p50_ms),
-                "acquire_p99_ms": round(w_acq.p99_ms),
-                "acquire_errors": w_acq.errors,
-                "rss_mb_idle": round(rss_idle),
-                "rss_mb_10k_leases": round(rss_10k),
-            },
-            "etcd": {
-                "renew_ops_per_s": round(e_renew.ops_per_s),
-                "renew_p50_ms": round(e_renew.p50_ms),
-                "renew_p99_ms": round(e_renew.p99_ms),
-                "renew_errors": e_renew.errors,
-                "renew_server_cpu_us_per_op": round(e_renew.server_cpu_us_per_op),
-                "renew_client_cpu_us_per_op": round(e_renew.client_cpu_us_per_op),
-                "acquire_ops_per_s": round(e_acq.ops_per_s),
-                "acquire_p50_ms": round(e_acq.p50_ms),
-                "acquire_p99_ms": round(e_acq.p99_ms),
-                "acquire_errors": e_acq.errors,
-            },
+            "witness": witness,
+            "witness_https": witness_https,
+            "etcd": figures(&e_renew, &e_acq),
             "renew_ratio_witness_over_etcd": round(renew_ratio),
+            "renew_ratio_witness_https_over_etcd": round(https_ratio),
         });
         println!("{obj}");
     } else {
@@ -500,38 +514,46 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
             "witness benchmark: {WORKERS} concurrent workers sharing {CONNECTIONS} clients, {}s per phase",
             PHASE.as_secs()
         );
-        println!("{:<28} {:>14} {:>14}", "", "witness", "etcd");
-        let row = |what: &str, a: f64, b: f64| println!("{what:<28} {a:>14.1} {b:>14.1}");
-        let row3 = |what: &str, a: f64, b: f64| println!("{what:<28} {a:>14.3} {b:>14.3}");
-        row("renewals/s", w_renew.ops_per_s, e_renew.ops_per_s);
-        row3("renew p50 ms", w_renew.p50_ms, e_renew.p50_ms);
-        row3("renew p99 ms", w_renew.p99_ms, e_renew.p99_ms);
-        row(
-            "renew server CPU us/op",
-            w_renew.server_cpu_us_per_op,
-            e_renew.server_cpu_us_per_op,
-        );
-        row(
-            "renew client CPU us/op",
-            w_renew.client_cpu_us_per_op,
-            e_renew.client_cpu_us_per_op,
-        );
-        row("acquires/s", w_acq.ops_per_s, e_acq.ops_per_s);
-        row3("acquire p50 ms", w_acq.p50_ms, e_acq.p50_ms);
-        row3("acquire p99 ms", w_acq.p99_ms, e_acq.p99_ms);
-        row(
-            "acquire server CPU us/op",
-            w_acq.server_cpu_us_per_op,
-            e_acq.server_cpu_us_per_op,
-        );
         println!(
-            "{:<28} {:>14} {:>14}",
+            "{:<28} {:>14} {:>14} {:>14}",
+            "", "witness stream", "witness https", "etcd"
+        );
+        let row = |what: &str, f: &dyn Fn(&Figures) -> f64, a: [&Figures; 3]| {
+            println!(
+                "{what:<28} {:>14.1} {:>14.1} {:>14.1}",
+                f(a[0]),
+                f(a[1]),
+                f(a[2])
+            )
+        };
+        let row3 = |what: &str, f: &dyn Fn(&Figures) -> f64, a: [&Figures; 3]| {
+            println!(
+                "{what:<28} {:>14.3} {:>14.3} {:>14.3}",
+                f(a[0]),
+                f(a[1]),
+                f(a[2])
+            )
+        };
+        let renew = [&w_renew, &h_renew, &e_renew];
+        let acq = [&w_acq, &h_acq, &e_acq];
+        row("renewals/s", &|f| f.ops_per_s, renew);
+        row3("renew p50 ms", &|f| f.p50_ms, renew);
+        row3("renew p99 ms", &|f| f.p99_ms, renew);
+        row("renew server CPU us/op", &|f| f.server_cpu_us_per_op, renew);
+        row("renew client CPU us/op", &|f| f.client_cpu_us_per_op, renew);
+        row("acquires/s", &|f| f.ops_per_s, acq);
+        row3("acquire p50 ms", &|f| f.p50_ms, acq);
+        row3("acquire p99 ms", &|f| f.p99_ms, acq);
+        row("acquire server CPU us/op", &|f| f.server_cpu_us_per_op, acq);
+        println!(
+            "{:<28} {:>14} {:>14} {:>14}",
             "errors (renew/acquire)",
             format!("{}/{}", w_renew.errors, w_acq.errors),
+            format!("{}/{}", h_renew.errors, h_acq.errors),
             format!("{}/{}", e_renew.errors, e_acq.errors)
         );
         println!(
-            "renewals/s ratio witness/etcd: {renew_ratio:.2} (target >= 3, with p99 <= etcd's)"
+            "renewals/s ratio witness/etcd: stream {renew_ratio:.2}, https {https_ratio:.2} (target >= 3, with p99 <= etcd's)"
         );
         println!(
             "witness RSS: {rss_idle:.1} MiB idle, {rss_10k:.1} MiB with {RSS_LEASES} live leases (target <= 30)"
