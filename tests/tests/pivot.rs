@@ -567,9 +567,10 @@ async fn source_watch_reports_external_and_reverted_urls() {
     })
     .await;
     // The same document over HTTP.
-    let (addr, task) = sw::serve_status(
+    let (addr, task) = continuum_agent::health::serve_with_status(
         "127.0.0.1:0".parse().unwrap(),
-        std::sync::Arc::new(watch.status_fn()),
+        continuum_agent::health::HealthState::without_guardrail(prometheus::Registry::new()),
+        Some(sw::status_provider(&watch)),
     )
     .await
     .unwrap();

@@ -16,7 +16,7 @@ pub enum PivotCommand {
     /// to reconcile the GitRepository. Git first, so the cluster never reverts it.
     Sources(SourcesArgs),
     /// Watch HelmRepository/OCIRepository/GitRepository objects and report URLs outside the
-    /// Sovereign and pivots that reverted (metrics on --health-addr, JSON on --status-addr/status).
+    /// Sovereign and pivots that reverted (metrics and the JSON `/status` on --health-addr).
     WatchSources(WatchSourcesArgs),
 }
 
@@ -32,12 +32,10 @@ pub struct WatchSourcesArgs {
         required = true
     )]
     pub local_hosts: Vec<String>,
-    /// Address of /metrics, /healthz, /readyz.
+    /// Address of /metrics, /healthz, /readyz and /status (JSON: sources
+    /// outside the Sovereign, pivots that reverted).
     #[arg(long, env = "CONTINUUM_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
     pub health_addr: std::net::SocketAddr,
-    /// Address serving the JSON status at /status.
-    #[arg(long, env = "CONTINUUM_STATUS_ADDR", default_value = "0.0.0.0:8081")]
-    pub status_addr: std::net::SocketAddr,
     /// Instance name in Events (default: $POD_NAME).
     #[arg(long, env = "POD_NAME", default_value = "continuum-agent")]
     pub instance: String,
@@ -155,7 +153,6 @@ fn sources(a: SourcesArgs) -> anyhow::Result<()> {
 }
 
 fn watch_sources(a: WatchSourcesArgs) -> anyhow::Result<()> {
-    use std::sync::Arc;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -163,23 +160,21 @@ fn watch_sources(a: WatchSourcesArgs) -> anyhow::Result<()> {
             let client = a.kube.client().await?;
             let registry = prometheus::Registry::new();
             let metrics = super::watch::Metrics::new(&registry)?;
-            let (health, health_task) = crate::health::serve(
-                a.health_addr,
-                crate::health::HealthState::without_guardrail(registry),
-            )
-            .await?;
             let watch = super::watch::SourceWatch::start(
                 client,
                 super::LocalHosts(a.local_hosts.clone()),
                 metrics,
                 a.instance.clone(),
             );
-            let (status, status_task) =
-                super::watch::serve_status(a.status_addr, Arc::new(watch.status_fn())).await?;
-            tracing::info!(health = %health, status = %status, "source pivot watcher running");
+            let (health, health_task) = crate::health::serve_with_status(
+                a.health_addr,
+                crate::health::HealthState::without_guardrail(registry),
+                Some(super::watch::status_provider(&watch)),
+            )
+            .await?;
+            tracing::info!(health = %health, "source pivot watcher running");
             tokio::signal::ctrl_c().await?;
             health_task.abort();
-            status_task.abort();
             drop(watch);
             anyhow::Ok(())
         })

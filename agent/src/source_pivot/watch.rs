@@ -208,49 +208,8 @@ async fn run(
     }
 }
 
-/// Status getter shared with the HTTP route.
-pub type StatusFn = std::sync::Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
-
-/// Serve `GET /status` (JSON) until the task is dropped. Kept separate from the
-/// health port because that server has a fixed route table.
-pub async fn serve_status(
-    addr: std::net::SocketAddr,
-    status: StatusFn,
-) -> std::io::Result<(std::net::SocketAddr, JoinHandle<()>)> {
-    use bytes::Bytes;
-    use http_body_util::Full;
-    use hyper::{Request, Response, StatusCode};
-    use hyper_util::rt::TokioIo;
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let status = status.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (code, body) = if req.uri().path() == "/status" {
-                        (StatusCode::OK, format!("{}\n", status()))
-                    } else {
-                        (StatusCode::NOT_FOUND, "not found\n".to_string())
-                    };
-                    async move {
-                        Ok::<_, std::convert::Infallible>(
-                            Response::builder()
-                                .status(code)
-                                .header("content-type", "application/json")
-                                .body(Full::new(Bytes::from(body)))
-                                .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Ok((bound, task))
+/// The `/status` route of the agent's health port for this watcher.
+pub fn status_provider(watch: &SourceWatch) -> crate::health::StatusProvider {
+    let f = watch.status_fn();
+    std::sync::Arc::new(move || format!("{}\n", f()))
 }
