@@ -16,5 +16,6 @@ pub mod partition;
 pub mod pdns_proc;
 pub mod pg_proc;
 pub mod pki;
+pub mod prometheus_proc;
 pub mod wg_proc;
 pub mod witness_proc;
