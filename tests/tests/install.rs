@@ -1032,8 +1032,7 @@ fn dockerfiles_are_multi_stage_static_and_non_root() {
         assert!(text.contains("--locked"), "{file}: Cargo.lock respected");
         let user = text
             .lines()
-            .filter(|l| l.starts_with("USER "))
-            .next_back()
+            .rfind(|l| l.starts_with("USER "))
             .expect("USER");
         assert_eq!(user, "USER 65532:65532", "{file}");
         assert!(text.contains(&format!("ENTRYPOINT [\"/usr/local/bin/{bin}\"]")));
