@@ -1,5 +1,6 @@
 //! The long-running agent (`continuum-agent run`): health port, leader election,
 //! and the HelmRelease recovery controller while leading.
+//! The Flux guard runs beside it while leading when enabled.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,7 @@ use prometheus::{IntGauge, Registry};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::flux_guard;
 use crate::health::{self, HealthState};
 use crate::hr_recovery::controller::{self, Ctx};
 use crate::hr_recovery::guardrail::Guardrail;
@@ -48,8 +50,30 @@ impl Drop for Agent {
 
 impl Agent {
     pub async fn start(client: Client, opts: AgentOptions) -> anyhow::Result<Self> {
+        Self::start_with_flux_guard(client, opts, None).await
+    }
+
+    /// [`Agent::start`], plus the Flux guard (seed 000) while leading when `flux_guard` is set.
+    pub async fn start_with_flux_guard(
+        client: Client,
+        opts: AgentOptions,
+        flux_guard: Option<flux_guard::Config>,
+    ) -> anyhow::Result<Self> {
         let registry = Registry::new();
         let metrics = Metrics::new(&registry)?;
+        let flux_guard = match flux_guard {
+            Some(cfg) => {
+                let m = flux_guard::metrics::Metrics::new(&registry)?;
+                let skew = Arc::new(flux_guard::skew::SkewState::new(
+                    cfg.flux_release.clone(),
+                    m.clone(),
+                ));
+                Some((cfg, m, skew))
+            }
+            None => None,
+        };
+        let fg_client = client.clone();
+        let fg_identity = opts.identity.clone();
         let leader_gauge = IntGauge::new(
             "continuum_agent_leader",
             "1 while this instance holds the leader Lease",
@@ -130,12 +154,22 @@ impl Agent {
                     got.map(|()| ((), rx))
                 });
                 let ctl = tokio::spawn(controller::run(ctx.clone(), reconcile_all));
+                let guard_tasks = flux_guard.as_ref().map(|(cfg, m, skew)| {
+                    flux_guard::spawn(
+                        fg_client.clone(),
+                        cfg.clone(),
+                        m.clone(),
+                        skew.clone(),
+                        fg_identity.clone(),
+                    )
+                });
                 while *leading.borrow_and_update() {
                     if leading.changed().await.is_err() {
                         break;
                     }
                 }
                 ctl.abort();
+                drop(guard_tasks);
                 leader_gauge.set(0);
                 tracing::info!("lost leadership: controller stopped");
             }

@@ -72,6 +72,93 @@ impl HrArgs {
     }
 }
 
+/// Flux guard (seed 000): CRD storedVersions pre-flight check, Flux controller
+/// snapshot/restore, Flux version skew. Runs while leading.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FluxGuardArgs {
+    /// Turn the whole Flux guard off.
+    #[arg(long, env = "CONTINUUM_FLUX_GUARD_DISABLED")]
+    pub flux_guard_disabled: bool,
+    /// Turn off only the pre-flight CRD check of HelmRelease chart revisions.
+    #[arg(long, env = "CONTINUUM_FLUX_GUARD_NO_PREFLIGHT")]
+    pub flux_guard_no_preflight: bool,
+    /// Turn off only the Flux controller snapshot and restore.
+    #[arg(long, env = "CONTINUUM_FLUX_GUARD_NO_RESTORE")]
+    pub flux_guard_no_restore: bool,
+    /// Namespace of the Flux controllers.
+    #[arg(long, env = "CONTINUUM_FLUX_NAMESPACE", default_value = "flux-system")]
+    pub flux_namespace: String,
+    /// Flux controller Deployments (comma separated) that must be available; their loss triggers a restore.
+    #[arg(
+        long,
+        env = "CONTINUUM_FLUX_CONTROLLERS",
+        value_delimiter = ',',
+        default_value = "helm-controller,source-controller,kustomize-controller,notification-controller"
+    )]
+    pub flux_controllers: Vec<String>,
+    /// The HelmRelease (namespace/name) that installs Flux, for the version-skew check.
+    #[arg(
+        long,
+        env = "CONTINUUM_FLUX_RELEASE",
+        default_value = "flux-system/bp-flux"
+    )]
+    pub flux_release: String,
+    /// Namespace of the ConfigMap holding the Flux snapshot.
+    #[arg(
+        long,
+        env = "CONTINUUM_FLUX_SNAPSHOT_NAMESPACE",
+        default_value = "continuum-system"
+    )]
+    pub flux_snapshot_namespace: String,
+    /// Name of the ConfigMap holding the Flux snapshot.
+    #[arg(
+        long,
+        env = "CONTINUUM_FLUX_SNAPSHOT_NAME",
+        default_value = "continuum-flux-snapshot"
+    )]
+    pub flux_snapshot_name: String,
+    /// Largest chart artifact downloaded, in bytes.
+    #[arg(
+        long,
+        env = "CONTINUUM_FLUX_GUARD_MAX_CHART_BYTES",
+        default_value_t = 20 * 1024 * 1024
+    )]
+    pub flux_guard_max_chart_bytes: u64,
+    /// Timeout of one chart artifact download (Go duration).
+    #[arg(long, env = "CONTINUUM_FLUX_GUARD_FETCH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub flux_guard_fetch_timeout: Duration,
+    /// Re-take the Flux snapshot at least this often while Flux is healthy (Go duration).
+    #[arg(long, env = "CONTINUUM_FLUX_SNAPSHOT_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub flux_snapshot_interval: Duration,
+}
+
+impl FluxGuardArgs {
+    /// The guard's configuration, `None` when disabled.
+    pub fn config(&self) -> Option<crate::flux_guard::Config> {
+        if self.flux_guard_disabled || (self.flux_guard_no_preflight && self.flux_guard_no_restore)
+        {
+            return None;
+        }
+        Some(crate::flux_guard::Config {
+            flux_namespace: self.flux_namespace.clone(),
+            controllers: self
+                .flux_controllers
+                .iter()
+                .map(|c| c.trim().to_string())
+                .filter(|c| !c.is_empty())
+                .collect(),
+            flux_release: self.flux_release.clone(),
+            snapshot_namespace: self.flux_snapshot_namespace.clone(),
+            snapshot_name: self.flux_snapshot_name.clone(),
+            max_chart_bytes: self.flux_guard_max_chart_bytes,
+            fetch_timeout: self.flux_guard_fetch_timeout,
+            resnapshot_interval: self.flux_snapshot_interval,
+            preflight: !self.flux_guard_no_preflight,
+            restore: !self.flux_guard_no_restore,
+        })
+    }
+}
+
 /// `continuum-agent run`: controllers, leader election, health port.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -79,6 +166,8 @@ pub struct RunArgs {
     pub kube: KubeArgs,
     #[command(flatten)]
     pub hr: HrArgs,
+    #[command(flatten)]
+    pub flux_guard: FluxGuardArgs,
     /// Address of /metrics, /healthz, /readyz.
     #[arg(long, env = "CONTINUUM_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
     pub health_addr: SocketAddr,
@@ -147,7 +236,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             identity: args.identity.unwrap_or_else(default_identity),
             lease_duration: args.lease_duration,
         };
-        let agent = Agent::start(client, opts).await?;
+        let agent = Agent::start_with_flux_guard(client, opts, args.flux_guard.config()).await?;
         tracing::info!(health = %agent.health_addr, "continuum-agent running");
         tokio::signal::ctrl_c().await?;
         drop(agent);
@@ -207,6 +296,49 @@ mod tests {
     struct Once {
         #[command(flatten)]
         a: HrRecoveryArgs,
+    }
+
+    #[derive(Parser)]
+    struct Fg {
+        #[command(flatten)]
+        a: FluxGuardArgs,
+    }
+
+    #[test]
+    fn flux_guard_flags() {
+        let d = Fg::try_parse_from(["x"]).unwrap().a.config().unwrap();
+        let want = crate::flux_guard::Config::default();
+        assert_eq!(d.controllers, want.controllers);
+        assert_eq!(
+            (d.flux_release.as_str(), d.max_chart_bytes, d.fetch_timeout),
+            (
+                "flux-system/bp-flux",
+                want.max_chart_bytes,
+                want.fetch_timeout
+            )
+        );
+        assert!(d.preflight && d.restore);
+        let p = Fg::try_parse_from([
+            "x",
+            "--flux-controllers",
+            "helm-controller, source-controller",
+            "--flux-guard-no-restore",
+            "--flux-guard-fetch-timeout",
+            "5s",
+        ])
+        .unwrap()
+        .a
+        .config()
+        .unwrap();
+        assert_eq!(p.controllers, ["helm-controller", "source-controller"]);
+        assert!(p.preflight && !p.restore);
+        assert_eq!(p.fetch_timeout, Duration::from_secs(5));
+        assert!(Fg::try_parse_from(["x", "--flux-guard-disabled"])
+            .unwrap()
+            .a
+            .config()
+            .is_none());
+        assert!(Fg::try_parse_from(["x", "--flux-guard-fetch-timeout", "5"]).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod cli;
 pub mod continuum;
 pub mod failover;
+pub mod flux_guard;
 pub mod health;
 pub mod hr_recovery;
 pub mod leader;

@@ -1,0 +1,326 @@
+//! Where a HelmRelease's chart comes from, as helm-controller resolves it, and
+//! the source's artifact (`status.artifact.url`, `revision`, `digest`).
+//!
+//! The HelmRelease is decoded slim ([`GuardedHr`]): only what the guard reads,
+//! so the controller's cache of every HelmRelease stays small.
+
+use std::borrow::Cow;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::NamespaceResourceScope;
+use kube::core::{ApiResource, GroupVersionKind};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// `helm.toolkit.fluxcd.io/v2` HelmRelease, slim.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct GuardedHr {
+    #[serde(default, deserialize_with = "de_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default, deserialize_with = "de_spec")]
+    pub spec: Value,
+    #[serde(
+        default,
+        deserialize_with = "de_status",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub status: Option<Value>,
+}
+
+fn de_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let mut m = ObjectMeta::deserialize(d)?;
+    m.managed_fields = None;
+    m.labels = None;
+    m.owner_references = None;
+    if let Some(a) = m.annotations.as_mut() {
+        a.retain(|k, _| k.starts_with("dr.openova.io/flux-guard"));
+    }
+    Ok(m)
+}
+
+fn de_spec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+    let mut v = Value::deserialize(d)?;
+    if let Value::Object(m) = &mut v {
+        m.retain(|k, _| matches!(k.as_str(), "chart" | "chartRef" | "suspend"));
+    }
+    Ok(v)
+}
+
+fn de_status<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    let mut v = Option::<Value>::deserialize(d)?;
+    if let Some(Value::Object(m)) = &mut v {
+        m.retain(|k, _| k == "helmChart");
+    }
+    Ok(v)
+}
+
+impl kube::Resource for GuardedHr {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "HelmRelease".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "helm.toolkit.fluxcd.io".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v2".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "helmreleases".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl GuardedHr {
+    pub fn namespace(&self) -> &str {
+        self.metadata.namespace.as_deref().unwrap_or("")
+    }
+    pub fn name(&self) -> &str {
+        self.metadata.name.as_deref().unwrap_or("")
+    }
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        self.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .map(String::as_str)
+    }
+    pub fn suspended(&self) -> bool {
+        self.spec.get("suspend").and_then(Value::as_bool) == Some(true)
+    }
+}
+
+/// Source kinds that carry a Helm chart artifact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SourceKind {
+    HelmChart,
+    OciRepository,
+}
+
+impl SourceKind {
+    /// The served API of the kind (Flux 2.3+).
+    pub fn api_resource(self) -> ApiResource {
+        let (version, kind, plural) = match self {
+            Self::HelmChart => ("v1", "HelmChart", "helmcharts"),
+            Self::OciRepository => ("v1beta2", "OCIRepository", "ocirepositories"),
+        };
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("source.toolkit.fluxcd.io", version, kind),
+            plural,
+        )
+    }
+}
+
+/// The source object holding a HelmRelease's chart artifact.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRef {
+    pub kind: SourceKind,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Why a HelmRelease's source cannot be named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceSkip {
+    NoChart,
+    UnsupportedChartRef,
+}
+
+impl SourceSkip {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NoChart => "no_chart",
+            Self::UnsupportedChartRef => "unsupported_chart_ref",
+        }
+    }
+}
+
+/// helm-controller's resolution: `spec.chartRef` (HelmChart or OCIRepository), else
+/// the HelmChart it manages for `spec.chart` (`status.helmChart`, else
+/// `<sourceNamespace>/<namespace>-<name>`).
+pub fn source_of(hr: &GuardedHr) -> Result<SourceRef, SourceSkip> {
+    let ns = hr.namespace().to_string();
+    if let Some(r) = hr.spec.get("chartRef") {
+        let kind = match r.get("kind").and_then(Value::as_str) {
+            Some("OCIRepository") => SourceKind::OciRepository,
+            Some("HelmChart") => SourceKind::HelmChart,
+            _ => return Err(SourceSkip::UnsupportedChartRef),
+        };
+        let name = r
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .ok_or(SourceSkip::UnsupportedChartRef)?;
+        let namespace = r
+            .get("namespace")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&ns);
+        return Ok(SourceRef {
+            kind,
+            namespace: namespace.into(),
+            name: name.into(),
+        });
+    }
+    if hr.spec.pointer("/chart/spec").is_none() {
+        return Err(SourceSkip::NoChart);
+    }
+    if let Some((n, name)) = hr
+        .status
+        .as_ref()
+        .and_then(|s| s.get("helmChart"))
+        .and_then(Value::as_str)
+        .and_then(|s| s.split_once('/'))
+        .filter(|(n, m)| !n.is_empty() && !m.is_empty())
+    {
+        return Ok(SourceRef {
+            kind: SourceKind::HelmChart,
+            namespace: n.into(),
+            name: name.into(),
+        });
+    }
+    let source_ns = hr
+        .spec
+        .pointer("/chart/spec/sourceRef/namespace")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .unwrap_or(&ns);
+    Ok(SourceRef {
+        kind: SourceKind::HelmChart,
+        namespace: source_ns.into(),
+        name: format!("{ns}-{}", hr.name()),
+    })
+}
+
+/// A source's current artifact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Artifact {
+    pub url: String,
+    pub revision: String,
+    pub digest: Option<String>,
+}
+
+impl Artifact {
+    /// What the guard records as checked: `revision@digest` (a re-published
+    /// chart under the same version is checked again).
+    pub fn key(&self) -> String {
+        match &self.digest {
+            Some(d) => format!("{}@{d}", self.revision),
+            None => self.revision.clone(),
+        }
+    }
+}
+
+/// `status.artifact` of a source object, when it has one.
+pub fn artifact_of(source: &Value) -> Option<Artifact> {
+    let a = source.pointer("/status/artifact")?;
+    let s = |k: &str| {
+        a.get(k)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    Some(Artifact {
+        url: s("url")?,
+        revision: s("revision")?,
+        digest: s("digest"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn hr(spec: Value, status: Value) -> GuardedHr {
+        serde_json::from_value(
+            json!({"metadata": {"name": "bp-flux", "namespace": "flux-system",
+            "annotations": {"other": "x", "dr.openova.io/flux-guard-checked": "1"}},
+            "spec": spec, "status": status}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn resolves_like_helm_controller() {
+        type Want = Result<(SourceKind, &'static str, &'static str), SourceSkip>;
+        let cases: Vec<(GuardedHr, Want)> = vec![
+            (
+                hr(
+                    json!({"chart": {"spec": {"chart": "x", "sourceRef": {"kind": "HelmRepository", "name": "r"}}}}),
+                    json!({}),
+                ),
+                Ok((SourceKind::HelmChart, "flux-system", "flux-system-bp-flux")),
+            ),
+            (
+                hr(
+                    json!({"chart": {"spec": {"sourceRef": {"name": "r", "namespace": "src"}}}}),
+                    json!({}),
+                ),
+                Ok((SourceKind::HelmChart, "src", "flux-system-bp-flux")),
+            ),
+            (
+                hr(json!({"chart": {"spec": {}}}), json!({"helmChart": "a/b"})),
+                Ok((SourceKind::HelmChart, "a", "b")),
+            ),
+            (
+                hr(
+                    json!({"chartRef": {"kind": "OCIRepository", "name": "o"}}),
+                    json!({}),
+                ),
+                Ok((SourceKind::OciRepository, "flux-system", "o")),
+            ),
+            (
+                hr(
+                    json!({"chartRef": {"kind": "HelmChart", "name": "c", "namespace": "n"}}),
+                    json!({}),
+                ),
+                Ok((SourceKind::HelmChart, "n", "c")),
+            ),
+            (
+                hr(
+                    json!({"chartRef": {"kind": "GitRepository", "name": "g"}}),
+                    json!({}),
+                ),
+                Err(SourceSkip::UnsupportedChartRef),
+            ),
+            (hr(json!({}), json!({})), Err(SourceSkip::NoChart)),
+        ];
+        for (h, want) in cases {
+            let got = source_of(&h);
+            let got = got
+                .as_ref()
+                .map(|s| (s.kind, s.namespace.as_str(), s.name.as_str()))
+                .map_err(|e| *e);
+            assert_eq!(got, want, "{:?}", h.spec);
+        }
+        let h = hr(
+            json!({"values": {"big": 1}, "suspend": true}),
+            json!({"history": []}),
+        );
+        assert_eq!(h.spec, json!({"suspend": true}));
+        assert!(h.suspended());
+        assert_eq!(h.annotation("other"), None);
+        assert_eq!(h.annotation("dr.openova.io/flux-guard-checked"), Some("1"));
+    }
+
+    #[test]
+    fn artifacts() {
+        let a = artifact_of(&json!({"status": {"artifact": {"url": "http://x/c.tgz", "revision": "1.1.2", "digest": "sha256:ab"}}})).unwrap();
+        assert_eq!(a.key(), "1.1.2@sha256:ab");
+        assert!(
+            artifact_of(&json!({"status": {"artifact": {"url": "", "revision": "1"}}})).is_none()
+        );
+        assert!(artifact_of(&json!({"status": {}})).is_none());
+        let a = artifact_of(&json!({"status": {"artifact": {"url": "http://x", "revision": "1"}}}))
+            .unwrap();
+        assert_eq!(a.key(), "1");
+    }
+}
