@@ -37,7 +37,18 @@ pub async fn renewer(
             Ok(g) => {
                 next = g.sent_at + every;
                 grant = g.clone();
-                tx.send_replace(Some(g));
+                // Publish only while this epoch is still the current grant:
+                // a release (planned handover) may have cleared it meanwhile.
+                let current = tx.send_if_modified(|cur| {
+                    let same = cur.as_ref().map(|c| c.epoch) == Some(g.epoch);
+                    if same {
+                        *cur = Some(g);
+                    }
+                    same
+                });
+                if !current {
+                    return;
+                }
             }
             Err(e) => {
                 if Instant::now() >= grant.deadline {

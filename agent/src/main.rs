@@ -30,6 +30,10 @@ enum Command {
     /// Failover between two regions' PostgreSQL databases (direct back-end): hold the
     /// lease while primary, fence the moment it is lost, promote the synchronous standby.
     Failover(continuum_agent::failover::FailoverArgs),
+    /// Planned switchover or failback between two regions, no rebuild, no lost
+    /// acknowledged write: asks the primary's agent (`--admin-listen`) to hand the
+    /// lease over to `--to` and waits until that region is primary (docs/switchover.md).
+    Switchover(continuum_agent::failover::switchover::SwitchoverArgs),
     /// Run the controllers (stuck HelmRelease recovery) with leader election and the health port.
     Run(continuum_agent::cli::RunArgs),
     /// Stuck HelmRelease recovery, one pass (replaces the CronJob).
@@ -77,6 +81,7 @@ fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Failover(args) => continuum_agent::failover::run(args),
+        Command::Switchover(args) => continuum_agent::failover::switchover::run(args),
         Command::Run(args) => continuum_agent::cli::run(args),
         Command::HrRecovery(args) => continuum_agent::cli::hr_recovery(args),
         Command::NodePivot(args) => continuum_agent::node_pivot::cmd::run(args),

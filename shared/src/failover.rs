@@ -23,10 +23,24 @@
 //! * **Promote only when caught up** (invariant 4) is enforced by the
 //!   back-end's promotion, which waits for replay before promoting; the
 //!   promotion's epoch is then recorded in the database (`RecordEpoch`).
+//! * **Planned handover** (`continuum-agent switchover`, docs/switchover.md):
+//!   the holder records a handover intent naming its successor at a majority
+//!   (only the holder of the current epoch can), fences, stops its database
+//!   cleanly, records the stopped database's last WAL position (its shutdown
+//!   checkpoint) in the intent and releases the lease. While that intent is
+//!   the newest record at the highest granted epoch, **nobody but the named
+//!   successor acquires**, the old primary included, until this agent's
+//!   handover deadline passes; the successor acquires (without waiting for a
+//!   TTL: the lease was released) only once it has replayed past that final
+//!   position, so it holds every byte of the old primary's WAL. The stopped
+//!   old primary restarts only as a standby of the newer epoch's holder
+//!   (`FollowPeer`), or, if the successor never took the lease by the
+//!   deadline, fenced as a primary that must win the lease again at the
+//!   witnesses before it accepts writes (`StartFenced`, then the rules above).
 
 use std::time::Instant;
 
-use crate::lease::{Epoch, HolderId, LeaseMeta};
+use crate::lease::{Epoch, Handover, HolderId, LeaseMeta};
 use crate::quorum::MajorityView;
 
 /// Whether a standby may promote itself without an operator.
@@ -63,6 +77,20 @@ pub struct DbState {
     pub required_standby: Option<HolderId>,
     /// Primary only: the peer region is attached as a streaming standby.
     pub peer_attached: bool,
+    /// Standby only: end of the last WAL record replayed (a handover's
+    /// successor must be past the old primary's final position).
+    pub replay_lsn: Option<u64>,
+}
+
+/// A database that is not running, as its control file describes it (only
+/// known to an agent that manages the data directory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OfflineDb {
+    /// It shut down cleanly as a primary (`pg_controldata`: "shut down"):
+    /// its last WAL record is the shutdown checkpoint.
+    pub clean_primary: bool,
+    /// Position of its last checkpoint record.
+    pub checkpoint_lsn: u64,
 }
 
 /// The lease this region holds, if any.
@@ -89,6 +117,17 @@ pub struct Observation<'a> {
     /// The metadata this region stored at a majority during its current
     /// epoch; `None` until it stored one.
     pub recorded: Option<&'a LeaseMeta>,
+    /// When `db` is `None`: the stopped database's control file, if known.
+    pub offline: Option<&'a OfflineDb>,
+    /// An operator asked this region to hand the lease over to this region.
+    pub handover_request: Option<&'a HolderId>,
+    /// When this agent stops waiting for the successor named by the current
+    /// handover intent (the runner sets it to first-seen + timeout). `None`:
+    /// no deadline known, the intent keeps blocking.
+    pub handover_deadline: Option<Instant>,
+    /// Rebuild a fenced former primary as a standby of the new holder
+    /// (`--rejoin`); otherwise it stays fenced for an operator.
+    pub rejoin: bool,
 }
 
 /// The one thing to do now.
@@ -106,8 +145,24 @@ pub enum Action {
     SetRequiredStandby { standby: Option<HolderId> },
     /// Write the epoch into the database.
     RecordEpoch { epoch: Epoch },
-    /// Store the metadata at a majority of witnesses.
-    UpdateMeta { sync_standby: Option<HolderId> },
+    /// Store the metadata at a majority of witnesses (with a handover
+    /// intent while handing over).
+    UpdateMeta {
+        sync_standby: Option<HolderId>,
+        handover: Option<Handover>,
+    },
+    /// Handover: stop the fenced database cleanly (its walsender sends the
+    /// successor every WAL record up to the shutdown checkpoint first).
+    StopForHandover,
+    /// Handover: give the lease up at the witnesses.
+    Release { reason: &'static str },
+    /// Start the stopped former primary as a standby of the peer (no
+    /// rebuild when its WAL is a prefix of the peer's timeline).
+    FollowPeer { reason: &'static str },
+    /// Start the stopped database as a fenced primary (abandoned handover).
+    StartFenced { reason: &'static str },
+    /// Rebuild the fenced former primary as a standby of the new holder.
+    Rejoin { reason: &'static str },
     /// Nothing to do; the reason is for the status and logs.
     Wait { reason: &'static str },
 }
@@ -123,9 +178,38 @@ impl Action {
             Action::SetRequiredStandby { .. } => "set_required_standby",
             Action::RecordEpoch { .. } => "record_epoch",
             Action::UpdateMeta { .. } => "update_meta",
+            Action::StopForHandover => "stop_for_handover",
+            Action::Release { .. } => "release",
+            Action::FollowPeer { .. } => "follow_peer",
+            Action::StartFenced { .. } => "start_fenced",
+            Action::Rejoin { .. } => "rejoin",
             Action::Wait { .. } => "wait",
         }
     }
+}
+
+/// The handover intent that still counts: the newest record at the witnesses
+/// carries it and no newer epoch was granted since it was written.
+pub fn live_intent(view: &MajorityView) -> Option<&Handover> {
+    let (meta_epoch, meta) = view.meta.as_ref()?;
+    if *meta_epoch != view.max_epoch {
+        return None;
+    }
+    meta.handover.as_ref()
+}
+
+/// Whether a live intent names someone other than this region and this
+/// agent's deadline for it has not passed: then this region must not take
+/// the lease.
+fn blocked_by_intent(obs: &Observation<'_>, view: &MajorityView) -> Option<&'static str> {
+    let intent = live_intent(view)?;
+    if &intent.to == obs.region {
+        return None;
+    }
+    let waiting = obs.handover_deadline.is_none_or(|d| obs.now < d);
+    waiting.then_some(
+        "a planned handover to the other region is in progress: only it may take the lease",
+    )
 }
 
 fn held_now(obs: &Observation<'_>) -> Option<Held> {
@@ -151,9 +235,7 @@ fn effective_required(obs: &Observation<'_>, db: &DbState) -> Option<HolderId> {
 /// Decide the next action. See the module documentation for the rules.
 pub fn decide(obs: &Observation<'_>) -> Action {
     let Some(db) = obs.db else {
-        return Action::Wait {
-            reason: "database not answering",
-        };
+        return offline(obs);
     };
     let held = held_now(obs);
     if db.primary {
@@ -169,6 +251,74 @@ pub fn decide(obs: &Observation<'_>) -> Action {
     }
 }
 
+/// The database does not answer. Only a database this agent stopped
+/// cleanly for a handover is acted on; anything else waits for an operator
+/// (or the harness) to start it.
+fn offline(obs: &Observation<'_>) -> Action {
+    let Some(off) = obs.offline.filter(|o| o.clean_primary) else {
+        return Action::Wait {
+            reason: "database not answering",
+        };
+    };
+    let ours = obs.recorded.and_then(|m| m.handover.as_ref());
+    if held_now(obs).is_some() {
+        return match ours {
+            Some(h) if h.final_lsn.is_none() => Action::UpdateMeta {
+                sync_standby: obs.recorded.and_then(|m| m.sync_standby.clone()),
+                handover: Some(Handover {
+                    to: h.to.clone(),
+                    final_lsn: Some(off.checkpoint_lsn),
+                }),
+            },
+            Some(_) => Action::Release {
+                reason: "handover: final WAL position recorded, the successor may take the lease",
+            },
+            None => Action::Wait {
+                reason: "database stopped while holding the lease",
+            },
+        };
+    }
+    let Some(view) = obs.view else {
+        return Action::Wait {
+            reason: "stopped: no majority of witnesses answered",
+        };
+    };
+    let peer_holds = view
+        .holder
+        .as_ref()
+        .is_some_and(|(h, _)| h != obs.region && !view.expired_at_majority);
+    if let Some((meta_epoch, meta)) = &view.meta {
+        if meta.handover.as_ref().is_some_and(|h| &h.to == obs.peer) {
+            if *meta_epoch < view.max_epoch || peer_holds {
+                return Action::FollowPeer {
+                    reason: "handover: the successor holds a newer epoch; follow it",
+                };
+            }
+            if !view.expired_at_majority {
+                return Action::Wait {
+                    reason: "stopped for handover: the lease is still held at the witnesses",
+                };
+            }
+            if obs.handover_deadline.is_some_and(|d| obs.now >= d) {
+                return Action::StartFenced {
+                    reason: "handover abandoned: the successor did not take the lease in time",
+                };
+            }
+            return Action::Wait {
+                reason: "stopped for handover: waiting for the successor to take the lease",
+            };
+        }
+    }
+    if peer_holds {
+        return Action::FollowPeer {
+            reason: "stopped cleanly and the peer holds the lease: follow it",
+        };
+    }
+    Action::Wait {
+        reason: "database stopped cleanly; no handover in progress",
+    }
+}
+
 fn primary_not_holding(obs: &Observation<'_>, db: &DbState) -> Action {
     if !db.fenced {
         return Action::Fence {
@@ -180,12 +330,25 @@ fn primary_not_holding(obs: &Observation<'_>, db: &DbState) -> Action {
             reason: "fenced: no majority of witnesses answered",
         };
     };
+    if let Some(reason) = blocked_by_intent(obs, view) {
+        return Action::Wait { reason };
+    }
+    let newer = db.epoch != view.max_epoch;
+    if newer && obs.rejoin {
+        let peer_holds = view.holder.as_ref().is_some_and(|(h, _)| h == obs.peer);
+        if peer_holds && !view.expired_at_majority {
+            return Action::Rejoin {
+                reason:
+                    "fenced former primary: the peer holds a newer epoch; rebuild as its standby",
+            };
+        }
+    }
     if !view.expired_at_majority {
         return Action::Wait {
             reason: "fenced: another region holds the lease",
         };
     }
-    if db.epoch != view.max_epoch {
+    if newer {
         return Action::Wait {
             reason: "fenced: a newer epoch was granted; rejoin as a replica",
         };
@@ -196,19 +359,64 @@ fn primary_not_holding(obs: &Observation<'_>, db: &DbState) -> Action {
 }
 
 fn primary_holding(obs: &Observation<'_>, db: &DbState, held: Held) -> Action {
+    // A handover this region recorded in this epoch: fence, then stop.
+    if obs.recorded.and_then(|m| m.handover.as_ref()).is_some() {
+        return if db.fenced {
+            Action::StopForHandover
+        } else {
+            Action::Fence {
+                reason: "handover: stop acknowledging writes before stopping",
+            }
+        };
+    }
+    let action = primary_steady(obs, db, held);
+    match (obs.handover_request, &action) {
+        (Some(to), Action::Wait { .. }) => {
+            // Hand over only to an attached standby that every commit
+            // already waits for and that the witnesses name (invariant 3).
+            let ready = to == obs.peer
+                && db.peer_attached
+                && db.required_standby.as_ref() == Some(obs.peer)
+                && obs.recorded.and_then(|m| m.sync_standby.as_ref()) == Some(obs.peer);
+            if ready {
+                Action::UpdateMeta {
+                    sync_standby: Some(obs.peer.clone()),
+                    handover: Some(Handover {
+                        to: to.clone(),
+                        final_lsn: None,
+                    }),
+                }
+            } else {
+                Action::Wait {
+                    reason: "handover requested: waiting for the peer to be an attached synchronous standby",
+                }
+            }
+        }
+        _ => action,
+    }
+}
+
+/// The primary's rules outside a handover.
+fn primary_steady(obs: &Observation<'_>, db: &DbState, held: Held) -> Action {
     let desired = desired_standby(obs, db);
     let recorded_standby = obs.recorded.map(|m| m.sync_standby.clone());
     // Weakening (requiring no standby) needs "none" recorded first.
     let weaken_ok = recorded_standby == Some(None);
     if db.fenced {
         return match desired {
-            None if !weaken_ok => Action::UpdateMeta { sync_standby: None },
+            None if !weaken_ok => Action::UpdateMeta {
+                sync_standby: None,
+                handover: None,
+            },
             standby => Action::Unfence { standby },
         };
     }
     if db.required_standby != desired {
         return match desired {
-            None if !weaken_ok => Action::UpdateMeta { sync_standby: None },
+            None if !weaken_ok => Action::UpdateMeta {
+                sync_standby: None,
+                handover: None,
+            },
             standby => Action::SetRequiredStandby { standby },
         };
     }
@@ -219,6 +427,7 @@ fn primary_holding(obs: &Observation<'_>, db: &DbState, held: Held) -> Action {
     if recorded_standby != Some(current.clone()) {
         return Action::UpdateMeta {
             sync_standby: current,
+            handover: None,
         };
     }
     Action::Wait {
@@ -226,12 +435,35 @@ fn primary_holding(obs: &Observation<'_>, db: &DbState, held: Held) -> Action {
     }
 }
 
-fn standby_not_holding(obs: &Observation<'_>, _db: &DbState) -> Action {
+fn standby_not_holding(obs: &Observation<'_>, db: &DbState) -> Action {
     let Some(view) = obs.view else {
         return Action::Wait {
             reason: "standby: no majority of witnesses answered",
         };
     };
+    if let Some(reason) = blocked_by_intent(obs, view) {
+        return Action::Wait { reason };
+    }
+    if let Some(final_lsn) = live_intent(view)
+        .filter(|h| &h.to == obs.region)
+        .and_then(|h| h.final_lsn)
+    {
+        // A planned handover to this region: the old primary has stopped
+        // cleanly at `final_lsn`. Mode does not matter: an operator asked.
+        if !view.expired_at_majority {
+            return Action::Wait {
+                reason: "handover: the old primary still holds the lease",
+            };
+        }
+        return match db.replay_lsn {
+            Some(r) if r > final_lsn => Action::Acquire {
+                reason: "planned handover: replayed past the old primary's final WAL record",
+            },
+            _ => Action::Wait {
+                reason: "handover: replaying up to the old primary's final WAL record",
+            },
+        };
+    }
     if !view.expired_at_majority {
         return Action::Wait {
             reason: "standby: the primary holds the lease",
@@ -271,16 +503,33 @@ mod tests {
     /// (expired at majority, max epoch, newest meta).
     type ViewRow = (bool, u64, Option<MetaRow>);
 
+    /// (successor, final LSN) of a handover intent.
+    type IntentRow = (&'static str, Option<u64>);
+
     struct Case {
         name: &'static str,
+        /// `false`: the database does not answer (see `offline`).
+        running: bool,
         primary: bool,
         fenced: bool,
         db_epoch: u64,
         required: Option<&'static str>,
         peer_attached: bool,
+        replay: Option<u64>,
+        /// Stopped database: (clean primary shutdown, checkpoint LSN).
+        offline: Option<(bool, u64)>,
         held: Option<(u64, i64)>, // epoch, deadline offset ms from now
         view: Option<ViewRow>,
+        /// Live holder at a majority (with the view's max epoch).
+        view_holder: Option<&'static str>,
+        /// Intent carried by the view's newest metadata.
+        intent: Option<IntentRow>,
         recorded: Option<Option<&'static str>>,
+        recorded_intent: Option<IntentRow>,
+        request: Option<&'static str>,
+        /// Handover deadline offset ms from now.
+        deadline: Option<i64>,
+        rejoin: bool,
         mode: Mode,
         policy: SyncPolicy,
         want: &'static str,
@@ -288,18 +537,42 @@ mod tests {
 
     const BASE: Case = Case {
         name: "",
+        running: true,
         primary: true,
         fenced: false,
         db_epoch: 1,
         required: Some("b"),
         peer_attached: true,
+        replay: None,
+        offline: None,
         held: Some((1, 1000)),
         view: Some((false, 1, Some((1, Some("b"))))),
+        view_holder: None,
+        intent: None,
         recorded: Some(Some("b")),
+        recorded_intent: None,
+        request: None,
+        deadline: None,
+        rejoin: false,
         mode: Mode::Automatic,
         policy: SyncPolicy::Preferred,
         want: "wait",
     };
+
+    fn at(now: Instant, off: i64) -> Instant {
+        if off >= 0 {
+            now + Duration::from_millis(off as u64)
+        } else {
+            now - Duration::from_millis((-off) as u64)
+        }
+    }
+
+    fn intent_of(i: Option<IntentRow>) -> Option<Handover> {
+        i.map(|(to, final_lsn)| Handover {
+            to: h(to),
+            final_lsn,
+        })
+    }
 
     fn run(c: &Case) -> Action {
         let now = Instant::now();
@@ -311,9 +584,14 @@ mod tests {
             epoch: Epoch(c.db_epoch),
             required_standby: c.required.map(h),
             peer_attached: c.peer_attached,
+            replay_lsn: c.replay,
         };
+        let offline = c.offline.map(|(clean_primary, checkpoint_lsn)| OfflineDb {
+            clean_primary,
+            checkpoint_lsn,
+        });
         let view = c.view.map(|(expired, max, meta)| MajorityView {
-            holder: None,
+            holder: c.view_holder.map(|v| (h(v), Epoch(max))),
             expired_at_majority: expired,
             max_epoch: Epoch(max),
             meta: meta.map(|(e, s)| {
@@ -321,6 +599,7 @@ mod tests {
                     Epoch(e),
                     LeaseMeta {
                         sync_standby: s.map(h),
+                        handover: intent_of(c.intent),
                         ..Default::default()
                     },
                 )
@@ -329,15 +608,13 @@ mod tests {
         });
         let recorded = c.recorded.map(|s| LeaseMeta {
             sync_standby: s.map(h),
+            handover: intent_of(c.recorded_intent),
             ..Default::default()
         });
+        let request = c.request.map(h);
         let held = c.held.map(|(e, off)| Held {
             epoch: Epoch(e),
-            deadline: if off >= 0 {
-                now + Duration::from_millis(off as u64)
-            } else {
-                now - Duration::from_millis((-off) as u64)
-            },
+            deadline: at(now, off),
         });
         decide(&Observation {
             now,
@@ -347,8 +624,12 @@ mod tests {
             policy: c.policy,
             held,
             view: view.as_ref(),
-            db: Some(&db),
+            db: c.running.then_some(&db),
             recorded: recorded.as_ref(),
+            offline: offline.as_ref(),
+            handover_request: request.as_ref(),
+            handover_deadline: c.deadline.map(|off| at(now, off)),
+            rejoin: c.rejoin,
         })
     }
 
@@ -564,6 +845,242 @@ mod tests {
                 want: "promote",
                 ..BASE
             },
+            // Planned handover, old primary a -> successor b.
+            Case {
+                name: "handover requested, peer attached and synchronous: record the intent",
+                request: Some("b"),
+                want: "update_meta",
+                ..BASE
+            },
+            Case {
+                name: "handover requested, peer detached: wait",
+                request: Some("b"),
+                peer_attached: false,
+                policy: SyncPolicy::Required,
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "handover requested, witnesses do not name the peer yet: record it first",
+                request: Some("b"),
+                recorded: Some(None),
+                want: "update_meta",
+                ..BASE
+            },
+            Case {
+                name: "handover requested to itself: ignored",
+                request: Some("a"),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "intent recorded: fence",
+                recorded_intent: Some(("b", None)),
+                want: "fence",
+                ..BASE
+            },
+            Case {
+                name: "intent recorded, fenced: stop cleanly (never unfence)",
+                recorded_intent: Some(("b", None)),
+                fenced: true,
+                want: "stop_for_handover",
+                ..BASE
+            },
+            Case {
+                name: "stopped cleanly, holding: record the final LSN",
+                running: false,
+                offline: Some((true, 0x300_0028)),
+                recorded_intent: Some(("b", None)),
+                want: "update_meta",
+                ..BASE
+            },
+            Case {
+                name: "stopped, final LSN recorded: release",
+                running: false,
+                offline: Some((true, 0x300_0028)),
+                recorded_intent: Some(("b", Some(0x300_0028))),
+                want: "release",
+                ..BASE
+            },
+            Case {
+                name: "stopped, released, successor not yet holding: wait",
+                running: false,
+                offline: Some((true, 0x300_0028)),
+                held: None,
+                view: Some((true, 1, Some((1, Some("b"))))),
+                intent: Some(("b", Some(0x300_0028))),
+                deadline: Some(5000),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "stopped, successor holds the next epoch: follow it",
+                running: false,
+                offline: Some((true, 0x300_0028)),
+                held: None,
+                view: Some((false, 2, Some((1, Some("b"))))),
+                view_holder: Some("b"),
+                intent: Some(("b", Some(0x300_0028))),
+                want: "follow_peer",
+                ..BASE
+            },
+            Case {
+                name: "stopped, successor already wrote its own record: follow it",
+                running: false,
+                offline: Some((true, 0x300_0028)),
+                held: None,
+                view: Some((false, 2, Some((2, Some("a"))))),
+                view_holder: Some("b"),
+                want: "follow_peer",
+                ..BASE
+            },
+            Case {
+                name: "stopped, successor never came, deadline passed: start fenced",
+                running: false,
+                offline: Some((true, 0x300_0028)),
+                held: None,
+                view: Some((true, 1, Some((1, Some("b"))))),
+                intent: Some(("b", Some(0x300_0028))),
+                deadline: Some(-1),
+                want: "start_fenced",
+                ..BASE
+            },
+            Case {
+                name: "crashed (not a clean shutdown): wait for an operator",
+                running: false,
+                offline: Some((false, 0x300_0028)),
+                held: None,
+                view: Some((false, 2, Some((1, Some("b"))))),
+                view_holder: Some("b"),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "stopped cleanly, no intent, nobody holds: wait",
+                running: false,
+                offline: Some((true, 0x300_0028)),
+                held: None,
+                view: Some((true, 1, Some((1, Some("b"))))),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "old primary fenced, intent to b, lease free at its epoch: must not re-acquire",
+                fenced: true,
+                held: None,
+                view: Some((true, 1, Some((1, Some("b"))))),
+                intent: Some(("b", None)),
+                deadline: Some(5000),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "old primary fenced, intent to b, no deadline known: must not re-acquire",
+                fenced: true,
+                held: None,
+                view: Some((true, 1, Some((1, Some("b"))))),
+                intent: Some(("b", Some(9))),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "old primary fenced, intent abandoned (deadline passed): resume",
+                fenced: true,
+                held: None,
+                view: Some((true, 1, Some((1, Some("b"))))),
+                intent: Some(("b", None)),
+                deadline: Some(-1),
+                want: "acquire",
+                ..BASE
+            },
+            Case {
+                name: "successor: intent names it, released, replayed past the final LSN: acquire",
+                primary: false,
+                held: None,
+                replay: Some(0x300_00a0),
+                view: Some((true, 1, Some((1, Some("b"))))),
+                intent: Some(("a", Some(0x300_0028))),
+                mode: Mode::Manual,
+                want: "acquire",
+                ..BASE
+            },
+            Case {
+                name: "successor: not yet replayed past the final LSN: wait",
+                primary: false,
+                held: None,
+                replay: Some(0x300_0028),
+                view: Some((true, 1, Some((1, Some("b"))))),
+                intent: Some(("a", Some(0x300_0028))),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "successor: old primary still holds: wait",
+                primary: false,
+                held: None,
+                replay: Some(0x300_00a0),
+                view: Some((false, 1, Some((1, Some("b"))))),
+                intent: Some(("a", Some(0x300_0028))),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "successor: old primary died before its final LSN, lease expired, named: failover rule",
+                primary: false,
+                held: None,
+                view: Some((true, 1, Some((1, Some("a"))))),
+                intent: Some(("a", None)),
+                want: "acquire",
+                ..BASE
+            },
+            Case {
+                name: "stale intent (a newer epoch exists) does not let the successor acquire",
+                primary: false,
+                held: None,
+                replay: Some(0x300_00a0),
+                view: Some((true, 2, Some((1, Some("b"))))),
+                intent: Some(("a", Some(0x300_0028))),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "a standby not named by a live intent does not acquire even if named sync",
+                primary: false,
+                held: None,
+                view: Some((true, 1, Some((1, Some("a"))))),
+                intent: Some(("b", Some(1))),
+                deadline: Some(5000),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "rejoin: fenced former primary, peer holds a newer epoch",
+                fenced: true,
+                held: None,
+                view: Some((false, 2, Some((2, Some("a"))))),
+                view_holder: Some("b"),
+                rejoin: true,
+                want: "rejoin",
+                ..BASE
+            },
+            Case {
+                name: "rejoin off: stay fenced",
+                fenced: true,
+                held: None,
+                view: Some((false, 2, Some((2, Some("a"))))),
+                view_holder: Some("b"),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "rejoin on, nobody holds (peer not up): stay fenced",
+                fenced: true,
+                held: None,
+                view: Some((true, 2, Some((2, Some("a"))))),
+                rejoin: true,
+                want: "wait",
+                ..BASE
+            },
         ];
         for c in &cases {
             let got = run(c);
@@ -585,6 +1102,10 @@ mod tests {
             view: None,
             db: None,
             recorded: None,
+            offline: None,
+            handover_request: None,
+            handover_deadline: None,
+            rejoin: false,
         });
         assert_eq!(got.label(), "wait");
     }
@@ -637,6 +1158,45 @@ mod tests {
             };
             let acquire = run(&c).label() == "acquire";
             proptest::prop_assert_eq!(acquire, expired && named == Some(true) && !manual);
+        }
+
+        /// Planned handover: while a live intent names the other region and
+        /// this agent's deadline has not passed (or is unknown), this region
+        /// never takes the lease, whatever its database, lease and request
+        /// look like; and the named successor takes it through the intent
+        /// only once it has replayed past the final position.
+        #[test]
+        fn only_the_named_successor_acquires_during_a_handover(
+            running: bool, primary: bool, fenced: bool, db_epoch in 0u64..4, max in 0u64..4,
+            expired: bool, replay in proptest::option::of(0u64..200), final_lsn in proptest::option::of(0u64..200),
+            deadline in proptest::option::of(1i64..10_000), to_me: bool, manual: bool,
+            clean: bool, peer_holds: bool, request: bool, rejoin: bool,
+        ) {
+            let c = Case {
+                name: "prop", running, primary, fenced, db_epoch, replay,
+                offline: Some((clean, 100)),
+                held: None,
+                view: Some((expired, max, Some((max, Some(if to_me { "a" } else { "b" }))))),
+                view_holder: (peer_holds && !expired).then_some("b"),
+                intent: Some((if to_me { "a" } else { "b" }, final_lsn)),
+                request: request.then_some("b"),
+                deadline, rejoin,
+                mode: if manual { Mode::Manual } else { Mode::Automatic },
+                want: "", ..BASE
+            };
+            let got = run(&c);
+            if !to_me {
+                proptest::prop_assert_ne!(got.label(), "acquire");
+                proptest::prop_assert_ne!(got.label(), "promote");
+                proptest::prop_assert_ne!(got.label(), "unfence");
+            } else if running && !primary && got.label() == "acquire" {
+                // Through the intent (final known) or the failover rule
+                // (final unknown: named, expired, automatic).
+                match final_lsn {
+                    Some(f) => proptest::prop_assert!(replay.is_some_and(|r| r > f) && expired),
+                    None => proptest::prop_assert!(expired && !manual),
+                }
+            }
         }
 
         /// Invariant 3: a primary never drops its required standby while the

@@ -185,6 +185,28 @@ pub struct LeaseMeta {
     /// Orders updates within one epoch; a witness keeps the highest.
     #[serde(default)]
     pub seq: u64,
+    /// A planned handover in progress (`continuum-agent switchover`): the
+    /// holder that wrote this record is handing the lease to `to`. While it
+    /// is the newest record at the highest granted epoch, only `to` may take
+    /// the lease (see `failover::decide`). Absent on the wire when `None`,
+    /// so records without a handover keep their old encoding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<Handover>,
+}
+
+/// A planned handover of the lease to a named successor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Handover {
+    /// The only holder that may take the lease next.
+    pub to: HolderId,
+    /// The old primary's last WAL record (its shutdown checkpoint), once its
+    /// database has stopped cleanly. The successor takes the lease only after
+    /// replaying past it, so it holds every byte of the old primary's WAL
+    /// and the old primary can follow it without a rebuild. `None` while the
+    /// old primary is still stopping.
+    #[serde(default)]
+    pub final_lsn: Option<u64>,
 }
 
 /// A lease request. The externally tagged JSON form is the wire format:
@@ -286,6 +308,12 @@ impl Request {
             Request::UpdateMeta(u) => {
                 if u.epoch == Epoch(0) {
                     return Err(invalid("epoch", "must be at least 1"));
+                }
+                if u.meta.handover.as_ref().is_some_and(|h| h.to == u.holder) {
+                    return Err(invalid(
+                        "handover",
+                        "a holder cannot hand the lease over to itself",
+                    ));
                 }
             }
         }
@@ -453,6 +481,38 @@ mod tests {
             let err = Request::decode(body.as_bytes()).expect_err(body);
             assert_eq!(err.label(), "malformed", "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn handover_is_optional_on_the_wire_and_validated() {
+        let plain = r#"{"update_meta":{"name":"db","holder":"a","epoch":2,"meta":{"sync_standby":"b","confirmed_lsn":7,"seq":1}}}"#;
+        let Ok(Request::UpdateMeta(u)) = Request::decode(plain.as_bytes()) else {
+            panic!("old encoding must still decode");
+        };
+        assert_eq!(u.meta.handover, None);
+        // No handover: the encoding carries no new field (old witnesses accept it).
+        assert!(!String::from_utf8(Request::UpdateMeta(u.clone()).encode())
+            .unwrap()
+            .contains("handover"));
+        let with = r#"{"update_meta":{"name":"db","holder":"a","epoch":2,"meta":{"seq":2,"handover":{"to":"b","final_lsn":99}}}}"#;
+        let Ok(Request::UpdateMeta(u)) = Request::decode(with.as_bytes()) else {
+            panic!("handover must decode");
+        };
+        assert_eq!(
+            u.meta.handover,
+            Some(Handover {
+                to: HolderId::new("b").unwrap(),
+                final_lsn: Some(99)
+            })
+        );
+        let to_self = r#"{"update_meta":{"name":"db","holder":"a","epoch":2,"meta":{"seq":2,"handover":{"to":"a"}}}}"#;
+        let err = Request::decode(to_self.as_bytes()).expect_err("to itself");
+        assert!(err.to_string().contains("handover"), "{err}");
+        let bad = r#"{"update_meta":{"name":"db","holder":"a","epoch":2,"meta":{"seq":2,"handover":{"to":"B_1"}}}}"#;
+        assert_eq!(
+            Request::decode(bad.as_bytes()).unwrap_err().label(),
+            "malformed"
+        );
     }
 
     #[test]

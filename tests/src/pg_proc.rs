@@ -203,6 +203,9 @@ impl PgRegion {
         let root = dir.path().to_path_buf();
         let sock = root.join("s");
         fs::create_dir(&sock)?;
+        // Created here so that `pg_ctl start --log` (an agent restarting the
+        // server as its account) can append to the same file.
+        fs::write(root.join("postgres.log"), b"")?;
         if let Some(who) = run_as {
             chown_tree(&root, who)?;
         }
@@ -343,6 +346,7 @@ impl PgRegion {
         if self.is_running() {
             return Ok(());
         }
+        self.reap();
         // A killed server leaves postmaster.pid; PostgreSQL checks it itself.
         let log = fs::OpenOptions::new()
             .create(true)
@@ -409,38 +413,61 @@ impl PgRegion {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
+    /// The live postmaster: the one this harness spawned, else the one in
+    /// `postmaster.pid` (an agent may have restarted the server with
+    /// `pg_ctl`, detached from this process).
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        if let Some(c) = &self.postmaster {
+            if alive(c.id()) {
+                return Some(c.id());
+            }
+        }
+        let text = fs::read_to_string(self.data.join("postmaster.pid")).ok()?;
+        let pid = text.lines().next()?.trim().parse::<u32>().ok()?;
+        alive(pid).then_some(pid)
+    }
+
     pub fn is_running(&self) -> bool {
-        self.postmaster.as_ref().is_some_and(|c| alive(c.id()))
+        self.postmaster_pid().is_some()
     }
 
     /// Pids of every process of this region (postmaster first).
     pub fn pids(&self) -> Vec<u32> {
-        match &self.postmaster {
-            Some(c) if alive(c.id()) => process_tree(c.id())
-                .into_iter()
-                .filter(|p| alive(*p))
-                .collect(),
-            _ => Vec::new(),
+        match self.postmaster_pid() {
+            Some(pm) => process_tree(pm).into_iter().filter(|p| alive(*p)).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Reap our own postmaster child if it has exited.
+    fn reap(&mut self) {
+        if let Some(mut c) = self.postmaster.take() {
+            if !alive(c.id()) {
+                let _ = c.wait();
+            } else {
+                self.postmaster = Some(c);
+            }
         }
     }
 
     /// Kill the whole region at once: stop the postmaster so it forks no
     /// more, SIGKILL it and all its descendants, and wait until they are gone.
     pub fn kill9(&mut self) -> Result<()> {
-        let Some(mut child) = self.postmaster.take() else {
-            return Ok(());
-        };
-        let pm = child.id();
-        signal("STOP", &[pm])?;
-        let pids = process_tree(pm);
-        signal("KILL", &pids)?;
-        child.wait().context("wait postmaster")?;
-        let start = Instant::now();
-        while pids.iter().any(|p| alive(*p)) {
-            if start.elapsed() > Duration::from_secs(10) {
-                bail!("processes of {} survive SIGKILL: {pids:?}", self.name);
+        if let Some(pm) = self.postmaster_pid() {
+            signal("STOP", &[pm])?;
+            let pids = process_tree(pm);
+            signal("KILL", &pids)?;
+            let start = Instant::now();
+            while pids.iter().any(|p| alive(*p)) {
+                if start.elapsed() > Duration::from_secs(10) {
+                    bail!("processes of {} survive SIGKILL: {pids:?}", self.name);
+                }
+                std::thread::sleep(Duration::from_millis(5));
             }
-            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(mut child) = self.postmaster.take() {
+            let _ = child.kill();
+            child.wait().context("wait postmaster")?;
         }
         Ok(())
     }
@@ -448,14 +475,15 @@ impl PgRegion {
     /// Fast shutdown (SIGINT: abort sessions, checkpoint, exit), bounded;
     /// falls back to kill9.
     pub fn stop(&mut self) -> Result<()> {
-        let Some(child) = self.postmaster.as_mut() else {
+        let Some(pm) = self.postmaster_pid() else {
+            self.reap();
             return Ok(());
         };
-        signal("INT", &[child.id()])?;
+        signal("INT", &[pm])?;
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(15) {
-            if child.try_wait()?.is_some() {
-                self.postmaster = None;
+            if !alive(pm) {
+                self.reap();
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -479,6 +507,16 @@ impl PgRegion {
 
     pub fn data_dir(&self) -> &Path {
         &self.data
+    }
+
+    /// The server log (also where an agent's `pg_ctl start --log` appends).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Directory of PostgreSQL's binaries.
+    pub fn bin(&self) -> &Path {
+        &self.bin
     }
 
     /// libpq connection string over the unix socket, as superuser.

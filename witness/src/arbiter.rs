@@ -356,6 +356,7 @@ mod tests {
                 sync_standby: Some(h("standby")),
                 confirmed_lsn: Some(seq * 100),
                 seq,
+                handover: None,
             },
         })
     }
@@ -584,6 +585,71 @@ mod tests {
         ]);
         assert_eq!(rec.meta_epoch, Epoch(2));
         assert_eq!(rec.meta.map(|m| m.seq), Some(0));
+    }
+
+    /// A planned handover: the holder records the intent (with its final
+    /// LSN) and releases; the record survives the release and the restart
+    /// rule, so the named successor (and every other agent) reads it from a
+    /// free lease, and the successor's grant at the next epoch replaces it.
+    #[test]
+    fn handover_intent_survives_release_and_restart() {
+        use continuum_shared::lease::Handover;
+        let intent = |final_lsn: Option<u64>, seq: u64| {
+            Request::UpdateMeta(UpdateMeta {
+                name: name(),
+                holder: h("eu-1"),
+                epoch: Epoch(4),
+                meta: LeaseMeta {
+                    sync_standby: Some(h("us-1")),
+                    confirmed_lsn: None,
+                    seq,
+                    handover: Some(Handover {
+                        to: h("us-1"),
+                        final_lsn,
+                    }),
+                },
+            })
+        };
+        let rec = run(&[
+            step!(0, acq("eu-1", 4, 1000), Response::Granted { .. }, true),
+            step!(10, intent(None, 1), Response::MetaStored, true),
+            step!(20, intent(Some(0x3000028), 2), Response::MetaStored, true),
+            step!(30, release("eu-1", 4), Response::Released, true),
+        ]);
+        let t0 = Instant::now();
+        let restored = LeaseRecord::restored(rec.persisted(), t0, true);
+        let Response::State(v) = decide(&restored, &read(), t0).response else {
+            panic!("read answers a state")
+        };
+        assert_eq!(v.holder, None, "released: free");
+        assert_eq!(v.max_epoch, Epoch(4));
+        assert_eq!(v.meta_epoch, Epoch(4));
+        let handover = v.meta.and_then(|m| m.handover).expect("intent kept");
+        assert_eq!(handover.to, h("us-1"));
+        assert_eq!(handover.final_lsn, Some(0x3000028));
+        // The successor takes the next epoch at once (no TTL wait after a
+        // release) and its own record replaces the intent.
+        let d = decide(&restored, &acq("us-1", 5, 1000), t0 + ms(1));
+        assert!(matches!(
+            d.response,
+            Response::Granted {
+                epoch: Epoch(5),
+                ..
+            }
+        ));
+        let plain = Request::UpdateMeta(UpdateMeta {
+            name: name(),
+            holder: h("us-1"),
+            epoch: Epoch(5),
+            meta: LeaseMeta {
+                sync_standby: Some(h("eu-1")),
+                seq: 1,
+                ..Default::default()
+            },
+        });
+        let d = decide(&d.record, &plain, t0 + ms(2));
+        assert_eq!(d.response, Response::MetaStored);
+        assert_eq!(d.record.meta.and_then(|m| m.handover), None);
     }
 
     #[test]

@@ -95,7 +95,10 @@ impl Witness {
                         if let Request::UpdateMeta(u) = &req {
                             tracing::info!(lease = %name, holder = %u.holder, epoch = u.epoch.0, seq = u.meta.seq,
                                 sync_standby = u.meta.sync_standby.as_ref().map(HolderId::as_str).unwrap_or(""),
-                                confirmed_lsn = u.meta.confirmed_lsn.unwrap_or(0), reason = "holder updated its record", "lease metadata stored");
+                                confirmed_lsn = u.meta.confirmed_lsn.unwrap_or(0),
+                                handover_to = u.meta.handover.as_ref().map(|h| h.to.as_str()).unwrap_or(""),
+                                handover_final_lsn = u.meta.handover.as_ref().and_then(|h| h.final_lsn).unwrap_or(0),
+                                reason = "holder updated its record", "lease metadata stored");
                         }
                     }
                     Effect::Extend => {

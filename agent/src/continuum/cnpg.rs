@@ -203,6 +203,8 @@ pub fn observe(obj: &DynamicObject, names: &Names) -> DbState {
             None
         },
         peer_attached: annotation(obj, ANNOTATION_PEER_ATTACHED) != Some("false"),
+        // CNPG does not report the designated primary's replay position.
+        replay_lsn: None,
     }
 }
 
@@ -369,6 +371,7 @@ mod tests {
                     epoch: Epoch(0),
                     required_standby: None,
                     peer_attached: true,
+                    replay_lsn: None,
                 },
             ),
             (
@@ -380,6 +383,7 @@ mod tests {
                     epoch: Epoch(0),
                     required_standby: None,
                     peer_attached: true,
+                    replay_lsn: None,
                 },
             ),
             (
@@ -391,6 +395,7 @@ mod tests {
                     epoch: Epoch(0),
                     required_standby: None,
                     peer_attached: true,
+                    replay_lsn: None,
                 },
             ),
             (
@@ -402,6 +407,7 @@ mod tests {
                     epoch: Epoch(0),
                     required_standby: None,
                     peer_attached: true,
+                    replay_lsn: None,
                 },
             ),
             (
@@ -413,6 +419,7 @@ mod tests {
                     epoch: Epoch(0),
                     required_standby: None,
                     peer_attached: true,
+                    replay_lsn: None,
                 },
             ),
             (
@@ -424,6 +431,7 @@ mod tests {
                     epoch: Epoch(0),
                     required_standby: None,
                     peer_attached: true,
+                    replay_lsn: None,
                 },
             ),
             (
@@ -435,6 +443,7 @@ mod tests {
                     epoch: Epoch(7),
                     required_standby: Some(h("a")),
                     peer_attached: true,
+                    replay_lsn: None,
                 },
             ),
             (
@@ -446,6 +455,7 @@ mod tests {
                     epoch: Epoch(0),
                     required_standby: None,
                     peer_attached: true,
+                    replay_lsn: None,
                 },
             ),
             (
@@ -457,6 +467,7 @@ mod tests {
                     epoch: Epoch(0),
                     required_standby: None,
                     peer_attached: true,
+                    replay_lsn: None,
                 },
             ),
             (
@@ -468,6 +479,7 @@ mod tests {
                     epoch: Epoch(0),
                     required_standby: None,
                     peer_attached: true,
+                    replay_lsn: None,
                 },
             ),
             (
@@ -479,6 +491,7 @@ mod tests {
                     epoch: Epoch(0),
                     required_standby: None,
                     peer_attached: true,
+                    replay_lsn: None,
                 },
             ),
             (
@@ -490,6 +503,7 @@ mod tests {
                     epoch: Epoch(0),
                     required_standby: None,
                     peer_attached: true,
+                    replay_lsn: None,
                 },
             ),
             (
@@ -501,6 +515,7 @@ mod tests {
                     epoch: Epoch(0),
                     required_standby: Some(h("b")),
                     peer_attached: true,
+                    replay_lsn: None,
                 },
             ),
             (
@@ -512,6 +527,7 @@ mod tests {
                     epoch: Epoch(0),
                     required_standby: None,
                     peer_attached: false,
+                    replay_lsn: None,
                 },
             ),
             (
@@ -523,6 +539,7 @@ mod tests {
                     epoch: Epoch(0),
                     required_standby: None,
                     peer_attached: true,
+                    replay_lsn: None,
                 },
             ),
         ];

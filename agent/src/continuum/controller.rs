@@ -231,6 +231,11 @@ fn event_reason(action: &Action) -> &'static str {
         Action::SetRequiredStandby { .. } => "RequiredStandbyChanged",
         Action::RecordEpoch { .. } => "EpochRecorded",
         Action::UpdateMeta { .. } => "WitnessRecordUpdated",
+        Action::StopForHandover => "StoppedForHandover",
+        Action::Release { .. } => "LeaseReleased",
+        Action::FollowPeer { .. } => "FollowingPeer",
+        Action::StartFenced { .. } => "StartedFenced",
+        Action::Rejoin { .. } => "Rejoined",
         Action::Wait { .. } => "Waiting",
     }
 }
@@ -504,6 +509,12 @@ impl Runner {
             view: seen.view.as_ref(),
             db: seen.db.as_ref(),
             recorded: self.recorded.as_ref(),
+            // CNPG runs the database: no offline control file, no
+            // direct-PostgreSQL handover or rebuild from this controller.
+            offline: None,
+            handover_request: None,
+            handover_deadline: None,
+            rejoin: false,
         })
     }
 
@@ -593,7 +604,21 @@ impl Runner {
                     cnpg::ANNOTATION_EPOCH
                 ))
             }
-            Action::UpdateMeta { sync_standby } => {
+            Action::StopForHandover
+            | Action::Release { .. }
+            | Action::FollowPeer { .. }
+            | Action::StartFenced { .. }
+            | Action::Rejoin { .. } => Err((
+                "unsupported",
+                format!(
+                    "{} is a direct-PostgreSQL action; the CNPG operator manages this Cluster",
+                    action.label()
+                ),
+            )),
+            Action::UpdateMeta {
+                sync_standby,
+                handover,
+            } => {
                 let grant = self.grant.borrow().clone();
                 let Some(grant) = grant else {
                     return Err(("not_holding", "no grant to update metadata under".into()));
@@ -604,6 +629,7 @@ impl Runner {
                     sync_standby: sync_standby.clone(),
                     confirmed_lsn: None,
                     seq: self.meta_seq,
+                    handover: handover.clone(),
                 };
                 self.quorum
                     .update_meta(&grant, &meta)

@@ -11,8 +11,10 @@
 //! * a fence guard that fences the database the instant the deadline passes
 //!   without a renewal, whatever the loop is doing.
 
+pub mod admin;
 mod link;
 mod observe;
+pub mod switchover;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,9 +22,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use continuum_shared::failover::{self, Action, DbState, Held, Mode, Observation, SyncPolicy};
-use continuum_shared::lease::{HolderId, LeaseMeta, LeaseName};
+use continuum_shared::failover::{
+    self, Action, DbState, Held, Mode, Observation, OfflineDb, SyncPolicy,
+};
+use continuum_shared::lease::{Epoch, HolderId, LeaseMeta, LeaseName};
 use continuum_shared::pg::backend as pg;
+use continuum_shared::pg::rejoin::{self, Tools};
+use continuum_shared::pg::server::{self, LocalServer};
 use continuum_shared::quorum::{Grant, QuorumClient, QuorumConfig};
 use continuum_shared::transport::https::{HttpsTransport, TlsMaterial};
 use continuum_shared::transport::LeaseTransport;
@@ -116,6 +122,50 @@ pub struct FailoverArgs {
     /// operators without a metrics stack).
     #[arg(long, env = "CONTINUUM_STATUS_FILE")]
     pub status_file: Option<PathBuf>,
+    /// Admin endpoint (`GET /failover/status`, `POST /failover/handover?to=`)
+    /// used by `continuum-agent switchover`. Unauthenticated: bind it to
+    /// loopback or an operator-only network. Off when not set.
+    #[arg(long, env = "CONTINUUM_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// This region's PostgreSQL data directory, on this host. Needed for a
+    /// planned handover (clean stop, restart as a standby) and for --rejoin.
+    #[arg(long, env = "CONTINUUM_PG_DATA_DIR")]
+    pub pg_data_dir: Option<PathBuf>,
+    /// Directory with pg_ctl, pg_controldata, pg_rewind, pg_basebackup.
+    #[arg(
+        long,
+        env = "CONTINUUM_PG_BIN_DIR",
+        default_value = "/usr/lib/postgresql/15/bin"
+    )]
+    pub pg_bin_dir: PathBuf,
+    /// Server log for restarts by the agent (`pg_ctl start --log`); default:
+    /// `<pg-data-dir>.log`.
+    #[arg(long, env = "CONTINUUM_PG_LOG_FILE")]
+    pub pg_log_file: Option<PathBuf>,
+    /// libpq connection string (superuser) of the PEER region's database:
+    /// a former primary follows it (`primary_conninfo`, with this region as
+    /// application_name) and rewinds from it.
+    #[arg(long, env = "CONTINUUM_PEER_PG_CONNINFO")]
+    pub peer_pg_conninfo: Option<String>,
+    /// How long a stopped old primary waits for its successor to take the
+    /// lease before it abandons the handover and starts fenced again; also
+    /// how long any region honours another region's handover intent.
+    #[arg(long, env = "CONTINUUM_HANDOVER_TIMEOUT_MS", default_value_t = 30_000)]
+    pub handover_timeout_ms: u64,
+    /// What a fenced former primary does once the other region holds a newer
+    /// epoch: `off` stays fenced and logs what to do; `rewind` rebuilds it as
+    /// a standby with pg_rewind (falling back to a base backup); `basebackup`
+    /// always takes a fresh base backup. Needs --pg-data-dir and
+    /// --peer-pg-conninfo.
+    #[arg(long, env = "CONTINUUM_REJOIN", value_enum, default_value = "off")]
+    pub rejoin: RejoinArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RejoinArg {
+    Off,
+    Rewind,
+    Basebackup,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -208,6 +258,42 @@ struct Runner {
     held_once: bool,
     metrics: Metrics,
     status: Arc<Mutex<serde_json::Value>>,
+    /// The data directory, when this agent manages it (`--pg-data-dir`).
+    server: Option<LocalServer>,
+    admin: admin::Admin,
+    /// The live handover intent this agent has seen (epoch, successor) and
+    /// since when: its deadline is that instant + `--handover-timeout-ms`.
+    intent_seen: Option<((Epoch, HolderId), std::time::Instant)>,
+    /// Handover milestones (unix ms) for the status: fenced, stopped, released.
+    handover_marks: serde_json::Value,
+    last_wait: &'static str,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The account to run PostgreSQL's tools as: the data directory's owner
+/// when this agent runs as root (PostgreSQL refuses to run as root).
+fn tools_for(args: &FailoverArgs, data_dir: &std::path::Path) -> anyhow::Result<Tools> {
+    use std::os::unix::fs::MetadataExt;
+    let euid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1);
+    let run_as = if euid == 0 {
+        let m = std::fs::metadata(data_dir)
+            .with_context(|| format!("--pg-data-dir {}", data_dir.display()))?;
+        Some((m.uid(), m.gid()))
+    } else {
+        None
+    };
+    Ok(Tools {
+        bin_dir: args.pg_bin_dir.clone(),
+        run_as,
+        timeout: Duration::from_secs(120),
+    })
 }
 
 pub fn run(args: FailoverArgs) -> anyhow::Result<()> {
@@ -273,6 +359,35 @@ async fn run_async(args: FailoverArgs) -> anyhow::Result<()> {
             .with_context(|| format!("health port {}", args.health_listen))?;
     tracing::info!(health = %bound, %region, %peer, lease = %lease, ttl_ms = args.ttl_ms, witnesses = ?args.witnesses, link_witnesses = ?args.witness_link_peers, "failover runner starting");
 
+    let server = match &args.pg_data_dir {
+        Some(dir) => Some(LocalServer {
+            tools: tools_for(&args, dir)?,
+            data_dir: dir.clone(),
+            log_file: args
+                .pg_log_file
+                .clone()
+                .unwrap_or_else(|| dir.with_extension("log")),
+        }),
+        None => None,
+    };
+    if args.rejoin != RejoinArg::Off {
+        anyhow::ensure!(
+            server.is_some() && args.peer_pg_conninfo.is_some(),
+            "--rejoin needs --pg-data-dir and --peer-pg-conninfo"
+        );
+    }
+    let admin: admin::Admin = Arc::new(Mutex::new(admin::AdminShared {
+        region: region.clone(),
+        peer: peer.clone(),
+        request: None,
+        status: serde_json::json!({ "region": region.as_str(), "role": "unknown" }),
+    }));
+    if let Some(addr) = args.admin_listen {
+        let (bound, _task) = admin::serve(addr, admin.clone())
+            .await
+            .with_context(|| format!("admin endpoint {addr}"))?;
+        tracing::info!(admin = %bound, "admin endpoint serving /failover/status and /failover/handover");
+    }
     let (grant_tx, grant_rx) = watch::channel(None);
     let status = Arc::new(Mutex::new(serde_json::json!({ "region": region.as_str() })));
     tokio::spawn(fence_guard(
@@ -293,6 +408,11 @@ async fn run_async(args: FailoverArgs) -> anyhow::Result<()> {
         held_once: false,
         metrics,
         status,
+        server,
+        admin,
+        intent_seen: None,
+        handover_marks: serde_json::json!({}),
+        last_wait: "",
     };
     runner.run_loop().await
 }
@@ -352,8 +472,16 @@ impl Runner {
             let action = self.observe_and_decide().await;
             match &action {
                 Action::Wait { reason } => {
+                    self.last_wait = reason;
                     if *reason != last_reason {
                         tracing::info!(action = "wait", reason, "waiting");
+                        if *reason == "fenced: a newer epoch was granted; rejoin as a replica" {
+                            tracing::warn!(
+                                reason,
+                                "this former primary stays fenced: rebuild it as a standby of the new primary \
+                                 (pg_rewind, or run the agent with --rejoin rewind --pg-data-dir --peer-pg-conninfo)"
+                            );
+                        }
                         last_reason = reason;
                     }
                 }
@@ -384,6 +512,21 @@ impl Runner {
                 None
             }
         };
+        let offline = match (&db, &self.server) {
+            (None, Some(srv)) if !server::postmaster_running(&srv.data_dir) => {
+                match srv.controldata().await {
+                    Ok(c) => Some(OfflineDb {
+                        clean_primary: c.clean_primary_shutdown(),
+                        checkpoint_lsn: c.checkpoint.0,
+                    }),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "control file not readable");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let view = match self.client.read_majority(&self.lease).await {
             Ok(v) => Some(v),
             Err(e) => {
@@ -395,7 +538,36 @@ impl Runner {
             // A lost epoch's record is not ours any more.
             self.recorded = None;
         }
+        // The handover deadline counts from when this agent first saw the
+        // intent (a restarted agent waits a full timeout again: safe, the
+        // witnesses arbitrate anyway).
+        let intent_key = view
+            .as_ref()
+            .and_then(|v| failover::live_intent(v).map(|h| (v.max_epoch, h.to.clone())));
+        match (&intent_key, &self.intent_seen) {
+            (Some(k), Some((seen, _))) if k == seen => {}
+            (Some(k), _) => self.intent_seen = Some((k.clone(), now)),
+            (None, _) => self.intent_seen = None,
+        }
+        let timeout = Duration::from_millis(self.args.handover_timeout_ms);
+        let handover_deadline = self.intent_seen.as_ref().map(|(_, t)| *t + timeout);
+        let request = {
+            let mut a = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+            // A request nobody could act on for a whole timeout is dropped.
+            if a.request
+                .as_ref()
+                .is_some_and(|(_, t)| t.elapsed() > timeout)
+            {
+                tracing::warn!(
+                    reason = "not acted on within the handover timeout",
+                    "handover request dropped"
+                );
+                a.request = None;
+            }
+            a.request.as_ref().map(|(to, _)| to.clone())
+        };
         self.update_gauges(held, db.as_ref(), now);
+        self.publish_status(held, db.as_ref(), offline.as_ref(), view.as_ref(), now);
         failover::decide(&Observation {
             now,
             region: &self.region,
@@ -412,7 +584,57 @@ impl Runner {
             view: view.as_ref(),
             db: db.as_ref(),
             recorded: self.recorded.as_ref(),
+            offline: offline.as_ref(),
+            handover_request: request.as_ref(),
+            handover_deadline,
+            rejoin: self.args.rejoin != RejoinArg::Off,
         })
+    }
+
+    /// Refreshes the admin endpoint's status document.
+    fn publish_status(
+        &self,
+        held: Option<Held>,
+        db: Option<&DbState>,
+        offline: Option<&OfflineDb>,
+        view: Option<&continuum_shared::quorum::MajorityView>,
+        now: std::time::Instant,
+    ) {
+        let holding = held.filter(|h| now < h.deadline);
+        let role = match (db, offline) {
+            (Some(d), _) if d.primary && d.fenced => "fenced",
+            (Some(d), _) if d.primary && holding.is_some() => "primary",
+            (Some(d), _) if d.primary => "primary_without_lease",
+            (Some(_), _) => "standby",
+            (None, Some(_)) => "stopped",
+            (None, None) => "unknown",
+        };
+        let ours = self.recorded.as_ref().and_then(|m| m.handover.as_ref());
+        let live = view.and_then(failover::live_intent);
+        let handover = match ours.or(live) {
+            Some(h) => {
+                let mut v = self.handover_marks.clone();
+                v["to"] = serde_json::json!(h.to.as_str());
+                v["final_lsn"] = serde_json::json!(h.final_lsn);
+                v
+            }
+            None => serde_json::Value::Null,
+        };
+        let doc = serde_json::json!({
+            "region": self.region.as_str(),
+            "peer": self.peer.as_str(),
+            "role": role,
+            "holding": holding.is_some(),
+            "epoch": holding.map(|h| h.epoch.0),
+            "db_epoch": db.map(|d| d.epoch.0),
+            "max_epoch": view.map(|v| v.max_epoch.0),
+            "holder": view.and_then(|v| v.holder.as_ref()).map(|(h, e)| serde_json::json!({"region": h.as_str(), "epoch": e.0})),
+            "handover": handover,
+            "last_handover": self.handover_marks,
+            "waiting": self.last_wait,
+        });
+        let mut a = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        a.status = doc;
     }
 
     fn update_gauges(&self, held: Option<Held>, db: Option<&DbState>, now: std::time::Instant) {
@@ -464,11 +686,55 @@ impl Runner {
             }
             Action::Fence { reason } => {
                 let r = timed(bound, pg::fence(&conninfo)).await?.map_err(pg_err)?;
+                if self.recorded.as_ref().is_some_and(|m| m.handover.is_some()) {
+                    self.handover_marks["fenced_at_unix_ms"] = serde_json::json!(unix_ms());
+                }
                 Ok(format!(
                     "{reason}; fenced in {:?}, {} backends terminated",
                     r.total, r.terminated
                 ))
             }
+            Action::StopForHandover => {
+                let srv = self.server.as_ref().ok_or((
+                    "no_data_dir",
+                    "a handover needs --pg-data-dir to stop the database cleanly".to_string(),
+                ))?;
+                let t0 = Instant::now();
+                srv.stop_fast().await.map_err(pg_err)?;
+                self.handover_marks["stopped_at_unix_ms"] = serde_json::json!(unix_ms());
+                Ok(format!(
+                    "handover: database stopped cleanly in {:?} (fast shutdown; the successor received WAL up to the shutdown checkpoint)",
+                    t0.elapsed()
+                ))
+            }
+            Action::Release { reason } => {
+                let grant = self.grant.borrow().clone();
+                let Some(grant) = grant else {
+                    return Err(("not_holding", "no grant to release".into()));
+                };
+                // Stop renewing (and the fence guard) before releasing.
+                self.grant.send_replace(None);
+                let released = self.client.release(&grant).await;
+                self.recorded = None;
+                self.handover_marks["released_at_unix_ms"] = serde_json::json!(unix_ms());
+                Ok(format!(
+                    "{reason}; epoch {} released at {released} witness(es)",
+                    grant.epoch
+                ))
+            }
+            Action::FollowPeer { reason } => self.follow_peer(reason).await,
+            Action::StartFenced { reason } => {
+                let srv = self.server.as_ref().ok_or((
+                    "no_data_dir",
+                    "starting the database needs --pg-data-dir".to_string(),
+                ))?;
+                rejoin::fence_offline(&srv.data_dir).map_err(pg_err)?;
+                rejoin::fix_owner(&srv.tools, &srv.data_dir).map_err(pg_err)?;
+                srv.start().await.map_err(pg_err)?;
+                self.handover_marks["abandoned_at_unix_ms"] = serde_json::json!(unix_ms());
+                Ok(format!("{reason}; started as a fenced primary"))
+            }
+            Action::Rejoin { reason } => self.rejoin(reason).await,
             Action::Acquire { reason } => {
                 let g = self
                     .client
@@ -525,32 +791,144 @@ impl Runner {
                 .map_err(|e| ("record_epoch", e))?;
                 Ok(format!("epoch {epoch} recorded in the database"))
             }
-            Action::UpdateMeta { sync_standby } => {
+            Action::UpdateMeta {
+                sync_standby,
+                handover,
+            } => {
                 let grant = self.grant.borrow().clone();
                 let Some(grant) = grant else {
                     return Err(("not_holding", "no grant to update metadata under".into()));
                 };
                 let confirmed_lsn = match pg::primary_facts(&conninfo).await {
                     Ok(f) => f.confirmed_lsn().map(|l| l.0),
-                    Err(_) => None,
+                    Err(_) => self.recorded.as_ref().and_then(|m| m.confirmed_lsn),
                 };
                 self.meta_seq += 1;
                 let meta = LeaseMeta {
                     sync_standby: sync_standby.clone(),
                     confirmed_lsn,
                     seq: self.meta_seq,
+                    handover: handover.clone(),
                 };
                 self.client
                     .update_meta(&grant, &meta)
                     .await
                     .map_err(|e| (e.label(), e.to_string()))?;
                 self.recorded = Some(meta);
+                if let Some(h) = handover {
+                    // The request is now a durable intent at the witnesses.
+                    self.admin.lock().unwrap_or_else(|e| e.into_inner()).request = None;
+                    if h.final_lsn.is_none() {
+                        self.handover_marks = serde_json::json!({
+                            "to": h.to.as_str(),
+                            "intent_at_unix_ms": unix_ms(),
+                            "from_epoch": grant.epoch.0,
+                        });
+                    }
+                    return Ok(format!(
+                        "witnesses record a handover to {} at epoch {} (final WAL position {:?})",
+                        h.to,
+                        grant.epoch,
+                        h.final_lsn
+                            .map(|l| continuum_shared::pg::Lsn(l).to_string())
+                    ));
+                }
                 Ok(format!(
                     "witnesses record synchronous standby {sync_standby:?} at epoch {}",
                     grant.epoch
                 ))
             }
         }
+    }
+
+    /// `primary_conninfo` for following the peer, naming this region.
+    fn follow_conninfo(&self) -> Result<(String, String), (&'static str, String)> {
+        let peer = self.args.peer_pg_conninfo.clone().ok_or((
+            "no_peer_conninfo",
+            "following the peer needs --peer-pg-conninfo".to_string(),
+        ))?;
+        let primary_conninfo = format!("{peer} application_name={}", self.region);
+        Ok((peer, primary_conninfo))
+    }
+
+    /// Restart the cleanly stopped former primary as a standby of the peer.
+    /// No rebuild when its WAL ends before the peer's timeline fork (a clean
+    /// handover); otherwise pg_rewind, logged as such.
+    async fn follow_peer(&mut self, reason: &str) -> Result<String, (&'static str, String)> {
+        let pg_err = |e: continuum_shared::pg::PgError| (e.label(), e.to_string());
+        let srv = self.server.clone().ok_or((
+            "no_data_dir",
+            "following the peer needs --pg-data-dir".to_string(),
+        ))?;
+        let (peer, primary_conninfo) = self.follow_conninfo()?;
+        let t0 = Instant::now();
+        let local = srv.controldata().await.map_err(pg_err)?;
+        let (peer_tli, history) = pg::timeline_history(&peer).await.map_err(pg_err)?;
+        let clean = continuum_shared::pg::decide::follows_without_rewind(
+            local.timeline,
+            local.checkpoint,
+            peer_tli,
+            &history,
+        );
+        let how = if clean {
+            rejoin::follow_offline(&srv.data_dir, &primary_conninfo).map_err(pg_err)?;
+            "no rebuild: its WAL is a prefix of the peer's timeline"
+        } else {
+            tracing::warn!(action = "follow_peer", timeline = local.timeline, checkpoint = %local.checkpoint, peer_timeline = peer_tli,
+                reason = "WAL diverged from the peer's timeline", "rewinding before following (pg_rewind)");
+            rejoin::rewind_as_standby(&srv.tools, &srv.data_dir, &peer, &primary_conninfo)
+                .await
+                .map_err(pg_err)?;
+            "diverged: rewound with pg_rewind"
+        };
+        rejoin::fix_owner(&srv.tools, &srv.data_dir).map_err(pg_err)?;
+        srv.start().await.map_err(pg_err)?;
+        self.handover_marks["followed_at_unix_ms"] = serde_json::json!(unix_ms());
+        self.handover_marks["rebuilt"] = serde_json::json!(!clean);
+        Ok(format!(
+            "{reason}; restarted as a standby of {} in {:?} ({how}; local timeline {} checkpoint {}, peer timeline {peer_tli})",
+            self.peer,
+            t0.elapsed(),
+            local.timeline,
+            local.checkpoint
+        ))
+    }
+
+    /// Rebuild the fenced former primary as a standby of the new holder.
+    async fn rejoin(&mut self, reason: &str) -> Result<String, (&'static str, String)> {
+        let pg_err = |e: continuum_shared::pg::PgError| (e.label(), e.to_string());
+        let srv = self
+            .server
+            .clone()
+            .ok_or(("no_data_dir", "--rejoin needs --pg-data-dir".to_string()))?;
+        let (peer, primary_conninfo) = self.follow_conninfo()?;
+        let t0 = Instant::now();
+        srv.stop_fast().await.map_err(pg_err)?;
+        let report = match self.args.rejoin {
+            RejoinArg::Basebackup => {
+                rejoin::basebackup_as_standby(&srv.tools, &srv.data_dir, &peer, &primary_conninfo)
+                    .await
+            }
+            _ => match rejoin::rewind_as_standby(&srv.tools, &srv.data_dir, &peer, &primary_conninfo)
+                .await
+            {
+                Ok(r) => Ok(r),
+                Err(e) => {
+                    tracing::warn!(action = "rejoin", error = %e, reason = "pg_rewind failed", "falling back to a base backup");
+                    rejoin::basebackup_as_standby(&srv.tools, &srv.data_dir, &peer, &primary_conninfo)
+                        .await
+                }
+            },
+        }
+        .map_err(pg_err)?;
+        rejoin::fix_owner(&srv.tools, &srv.data_dir).map_err(pg_err)?;
+        srv.start().await.map_err(pg_err)?;
+        Ok(format!(
+            "{reason}; rebuilt as a standby of {} with {:?} in {:?}",
+            self.peer,
+            report.method,
+            t0.elapsed()
+        ))
     }
 
     fn write_status(&self, action: &str, detail: &str) {

@@ -37,7 +37,8 @@ pub async fn database(conninfo: &str, peer: &HolderId) -> Result<DbState, String
                     current_setting('default_transaction_read_only'), \
                     (SELECT count(*) FROM pg_stat_replication \
                       WHERE application_name = $1 AND state = 'streaming'), \
-                    to_regclass('continuum.epoch') IS NOT NULL",
+                    to_regclass('continuum.epoch') IS NOT NULL, \
+                    pg_last_wal_replay_lsn()::text",
             &[&peer.as_str()],
         )
         .await
@@ -47,6 +48,15 @@ pub async fn database(conninfo: &str, peer: &HolderId) -> Result<DbState, String
     let read_only: String = row.try_get(2).map_err(|e| e.to_string())?;
     let attached: i64 = row.try_get(3).map_err(|e| e.to_string())?;
     let has_epoch: bool = row.try_get(4).map_err(|e| e.to_string())?;
+    let replay: Option<String> = row.try_get(5).map_err(|e| e.to_string())?;
+    let replay_lsn = match replay {
+        Some(t) if in_recovery => Some(
+            t.parse::<continuum_shared::pg::Lsn>()
+                .map_err(|e| e.to_string())?
+                .0,
+        ),
+        _ => None,
+    };
     let epoch = if has_epoch {
         let r = client
             .query_opt("SELECT epoch FROM continuum.epoch WHERE id = 1", &[])
@@ -75,6 +85,7 @@ pub async fn database(conninfo: &str, peer: &HolderId) -> Result<DbState, String
             required_standby(&names)
         },
         peer_attached: attached > 0,
+        replay_lsn,
     })
 }
 

@@ -499,3 +499,32 @@ pub async fn primary_facts(conninfo: &str) -> Result<PrimaryFacts, PgError> {
         sync_standbys: decide::sync_standbys(&repl),
     })
 }
+
+/// The server's newest timeline and that timeline's history file (empty
+/// when it never forked), for [`super::decide::follows_without_rewind`].
+pub async fn timeline_history(conninfo: &str) -> Result<(u32, String), PgError> {
+    let client = connect(conninfo).await?;
+    let row = client
+        .query_opt(
+            "SELECT name, pg_read_file('pg_wal/' || name) FROM pg_ls_waldir() \
+             WHERE name ~ '^[0-9A-F]{8}\\.history$' ORDER BY name DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(q("timeline history"))?;
+    if let Some(row) = row {
+        let name: String = col(&row, 0)?;
+        let text: String = col(&row, 1)?;
+        let tli = name
+            .get(..8)
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .ok_or_else(|| PgError::BadLsn(name.clone()))?;
+        return Ok((tli, text));
+    }
+    let row = client
+        .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+        .await
+        .map_err(q("timeline id"))?;
+    let tli: i32 = col(&row, 0)?;
+    Ok((u32::try_from(tli).unwrap_or(1), String::new()))
+}

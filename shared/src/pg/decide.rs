@@ -189,9 +189,106 @@ pub fn rewrite_auto_conf(text: &str, set: &[(&str, String)], remove: &[&str]) ->
     out
 }
 
+/// What `pg_controldata` says about a data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlData {
+    /// "Database cluster state", e.g. `shut down`, `in production`.
+    pub state: String,
+    /// "Latest checkpoint location".
+    pub checkpoint: Lsn,
+    /// "Latest checkpoint's TimeLineID".
+    pub timeline: u32,
+}
+
+impl ControlData {
+    /// Shut down cleanly as a primary: the last WAL record is the shutdown
+    /// checkpoint (a standby shut down reads `shut down in recovery`).
+    pub fn clean_primary_shutdown(&self) -> bool {
+        self.state == "shut down"
+    }
+}
+
+/// Parses `pg_controldata` output (run with `LC_ALL=C`).
+pub fn parse_controldata(text: &str) -> Option<ControlData> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(str::trim))
+    };
+    Some(ControlData {
+        state: field("Database cluster state")?.to_string(),
+        checkpoint: field("Latest checkpoint location")?.parse().ok()?,
+        timeline: field("Latest checkpoint's TimeLineID")?.parse().ok()?,
+    })
+}
+
+/// Whether a server whose WAL ends with the record at `checkpoint` on
+/// timeline `tli` can stream from a server on timeline `source_tli` with
+/// timeline history `history` (the `<source_tli>.history` file: lines of
+/// `parent_tli<TAB>switchpoint<TAB>reason`) without pg_rewind: either they
+/// share the timeline, or `tli` is an ancestor whose switch point lies after
+/// that last record (the successor replayed it before forking).
+pub fn follows_without_rewind(tli: u32, checkpoint: Lsn, source_tli: u32, history: &str) -> bool {
+    if tli == source_tli {
+        return true;
+    }
+    history.lines().any(|line| {
+        let mut f = line.split_whitespace();
+        let parent = f.next().and_then(|t| t.parse::<u32>().ok());
+        let switch = f.next().and_then(|l| l.parse::<Lsn>().ok());
+        matches!((parent, switch), (Some(p), Some(sw)) if p == tli && checkpoint < sw)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn controldata_and_timeline_checks() {
+        let out = "pg_control version number:            1300\n\
+Database cluster state:               shut down\n\
+Latest checkpoint location:           0/3000028\n\
+Latest checkpoint's REDO location:    0/3000028\n\
+Latest checkpoint's TimeLineID:       1\n";
+        let c = parse_controldata(out).expect("parses");
+        assert!(c.clean_primary_shutdown());
+        assert_eq!(c.checkpoint, Lsn(0x300_0028));
+        assert_eq!(c.timeline, 1);
+        let mut standby = c.clone();
+        standby.state = "shut down in recovery".into();
+        assert!(!standby.clean_primary_shutdown());
+        assert_eq!(parse_controldata("garbage"), None);
+        let hist = "1\t0/30000A0\tno recovery target specified\n";
+        let cases = [
+            (1, 0x300_0028, 2, hist, true, "checkpoint before the fork"),
+            (
+                1,
+                0x300_00A0,
+                2,
+                hist,
+                false,
+                "checkpoint at the fork: diverged",
+            ),
+            (1, 0x400_0000, 2, hist, false, "WAL past the fork"),
+            (2, 0x400_0000, 2, "", true, "same timeline"),
+            (3, 0x100, 2, hist, false, "not an ancestor"),
+            (
+                1,
+                0x100,
+                3,
+                "1\t0/200\tx\n2\t0/5000\ty\n",
+                true,
+                "grand-parent",
+            ),
+        ];
+        for (tli, ckpt, src, h, want, why) in cases {
+            assert_eq!(
+                follows_without_rewind(tli, Lsn(ckpt), src, h),
+                want,
+                "{why}"
+            );
+        }
+    }
 
     fn st(in_recovery: bool, received: Option<u64>, replayed: Option<u64>) -> StandbyStatus {
         StandbyStatus {

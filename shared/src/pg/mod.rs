@@ -24,6 +24,7 @@ pub mod backend;
 pub mod decide;
 pub mod lsn;
 pub mod rejoin;
+pub mod server;
 
 use std::time::Duration;
 

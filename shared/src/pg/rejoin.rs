@@ -80,9 +80,11 @@ pub struct Tools {
 }
 
 impl Tools {
-    async fn run(&self, tool: &'static str, args: &[String]) -> Result<String, PgError> {
+    /// Runs one tool (with `LC_ALL=C`, so its output parses) and returns
+    /// its output; a failure carries the output.
+    pub async fn run(&self, tool: &'static str, args: &[String]) -> Result<String, PgError> {
         let mut cmd = tokio::process::Command::new(self.bin_dir.join(tool));
-        cmd.args(args).kill_on_drop(true);
+        cmd.args(args).env("LC_ALL", "C").kill_on_drop(true);
         if let Some((uid, gid)) = self.run_as {
             cmd.uid(uid).gid(gid);
         }
@@ -148,6 +150,7 @@ pub async fn rewind_as_standby(
             source,
         })?;
     drop(source);
+    let confs = save_confs(data_dir)?;
     let output = tools
         .run(
             "pg_rewind",
@@ -157,6 +160,7 @@ pub async fn rewind_as_standby(
             ],
         )
         .await?;
+    restore_confs(&confs)?;
     unfence_offline(data_dir)?;
     write_standby(data_dir, primary_conninfo)?;
     let report = RebuildReport {
@@ -182,6 +186,7 @@ pub async fn basebackup_as_standby(
     primary_conninfo: &str,
 ) -> Result<RebuildReport, PgError> {
     let t0 = Instant::now();
+    let confs = save_confs(data_dir)?;
     let entries = std::fs::read_dir(data_dir).map_err(cfg_err(data_dir))?;
     for entry in entries {
         let path = entry.map_err(cfg_err(data_dir))?.path();
@@ -203,6 +208,7 @@ pub async fn basebackup_as_standby(
             ],
         )
         .await?;
+    restore_confs(&confs)?;
     unfence_offline(data_dir)?;
     write_standby(data_dir, primary_conninfo)?;
     Ok(RebuildReport {
@@ -220,4 +226,45 @@ fn write_standby(data_dir: &Path, primary_conninfo: &str) -> Result<(), PgError>
     )?;
     let signal = data_dir.join("standby.signal");
     std::fs::write(&signal, b"").map_err(cfg_err(&signal))
+}
+
+/// The data directory's own top-level `*.conf` files (port, sockets, HBA,
+/// local settings): pg_rewind and pg_basebackup replace them with the
+/// source's, so a rebuild puts them back.
+fn save_confs(data_dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, PgError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(data_dir).map_err(cfg_err(data_dir))? {
+        let path = entry.map_err(cfg_err(data_dir))?.path();
+        if path.is_file() && path.extension().is_some_and(|e| e == "conf") {
+            let body = std::fs::read(&path).map_err(cfg_err(&path))?;
+            out.push((path, body));
+        }
+    }
+    Ok(out)
+}
+
+fn restore_confs(confs: &[(PathBuf, Vec<u8>)]) -> Result<(), PgError> {
+    for (path, body) in confs {
+        std::fs::write(path, body).map_err(cfg_err(path))?;
+    }
+    Ok(())
+}
+
+/// Give the data directory back to the server's account after this process
+/// (root) wrote files in it. No-op unless `tools.run_as` is set.
+pub fn fix_owner(tools: &Tools, data_dir: &Path) -> Result<(), PgError> {
+    let Some((uid, gid)) = tools.run_as else {
+        return Ok(());
+    };
+    fn walk(p: &Path, uid: u32, gid: u32) -> Result<(), PgError> {
+        std::os::unix::fs::lchown(p, Some(uid), Some(gid)).map_err(cfg_err(p))?;
+        let meta = std::fs::symlink_metadata(p).map_err(cfg_err(p))?;
+        if meta.is_dir() {
+            for e in std::fs::read_dir(p).map_err(cfg_err(p))? {
+                walk(&e.map_err(cfg_err(p))?.path(), uid, gid)?;
+            }
+        }
+        Ok(())
+    }
+    walk(data_dir, uid, gid)
 }

@@ -227,6 +227,7 @@ fn view(holder: Option<&str>, epoch: u64, meta: Option<(u64, u64)>) -> LeaseView
             sync_standby: Some(h("b")),
             confirmed_lsn: Some(seq * 10),
             seq,
+            ..Default::default()
         }),
         meta_epoch: Epoch(meta.map_or(0, |(e, _)| e)),
     }
@@ -398,6 +399,7 @@ async fn metadata_needs_the_current_epoch_and_a_majority() {
         sync_standby: Some(h("b")),
         confirmed_lsn: Some(42),
         seq: 1,
+        ..Default::default()
     };
     a.update_meta(&g, &meta).await.unwrap();
     let v = a.read_majority(&name()).await.unwrap();

@@ -3,8 +3,12 @@
 //! witnesses, a writer recording every acknowledged commit. Each iteration
 //! SIGKILLs every process of the primary's region, measures the time until
 //! the first write is acknowledged by the other region (RTO), checks that
-//! every acknowledged write is there, then rebuilds the killed region as the
-//! new standby (pg_rewind) so the next iteration fails back the other way.
+//! every acknowledged write is there, rebuilds the killed region as the new
+//! standby (pg_rewind), then fails back with `continuum-agent switchover`
+//! (planned, no rebuild) under the same writer, measuring the switchover's
+//! downtime (fence on the old primary to first write on the new one).
+//!
+//! [`Cluster`] is also the harness of `tests/tests/switchover.rs`.
 
 pub mod report;
 pub mod writer;
@@ -40,6 +44,9 @@ pub struct DrillOpts {
     pub warmup: Duration,
 }
 
+/// Region names of the drill (index 0 and 1).
+pub const REGION_NAMES: [&str; 2] = REGIONS;
+
 pub use crate::bins::workspace_bin;
 
 /// Builds the agent and witness binaries of the running profile (under
@@ -54,15 +61,28 @@ struct AgentProc {
     log: PathBuf,
 }
 
+/// Per-agent settings beyond the region's database.
+#[derive(Debug, Clone)]
+pub struct AgentOpts {
+    pub ttl_ms: u64,
+    /// `--admin-listen` port.
+    pub admin_port: u16,
+    pub handover_timeout_ms: u64,
+    /// `--rejoin` value.
+    pub rejoin: &'static str,
+}
+
 impl AgentProc {
+    #[allow(clippy::too_many_arguments)]
     fn start(
         bin: &PathBuf,
         dir: &std::path::Path,
         region: usize,
         pg: &PgRegion,
+        peer: &PgRegion,
         witnesses: &[String],
         pki: &Pki,
-        ttl_ms: u64,
+        opts: &AgentOpts,
     ) -> Result<AgentProc> {
         let log = dir.join(format!("agent-{}.log", REGIONS[region]));
         let out = std::fs::OpenOptions::new()
@@ -82,8 +102,21 @@ impl AgentProc {
             .arg("--tls-key")
             .arg(&pki.client.key)
             .args(["--pg-conninfo", &pg.conninfo()])
-            .args(["--ttl-ms", &ttl_ms.to_string()])
+            .args(["--ttl-ms", &opts.ttl_ms.to_string()])
             .args(["--health-listen", &format!("127.0.0.1:{}", free_port()?)])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", opts.admin_port)])
+            .arg("--pg-data-dir")
+            .arg(pg.data_dir())
+            .arg("--pg-bin-dir")
+            .arg(pg.bin())
+            .arg("--pg-log-file")
+            .arg(pg.log_path())
+            .args(["--peer-pg-conninfo", &peer.conninfo()])
+            .args([
+                "--handover-timeout-ms",
+                &opts.handover_timeout_ms.to_string(),
+            ])
+            .args(["--rejoin", opts.rejoin])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out)
@@ -110,49 +143,179 @@ impl Drop for AgentProc {
     }
 }
 
-/// Everything the drill runs.
-struct Cluster {
+/// Everything the drill runs: witnesses, two PostgreSQL regions (region 0
+/// starts as primary) with the drill tables, one agent per region.
+pub struct Cluster {
     dir: tempfile::TempDir,
     pki: Arc<Pki>,
     _witnesses: Vec<WitnessProc>,
     witness_urls: Vec<String>,
-    pg: [PgRegion; 2],
+    pub pg: [PgRegion; 2],
     agents: [Option<AgentProc>; 2],
     agent_bin: PathBuf,
-    ttl_ms: u64,
+    agent_opts: [AgentOpts; 2],
     quorum: QuorumClient,
 }
 
 impl Cluster {
-    fn start_agent(&mut self, region: usize) -> Result<()> {
+    /// Builds binaries, starts `witnesses` witnesses and both regions'
+    /// databases, creates the drill tables; agents are not started yet.
+    pub async fn new(
+        witnesses: usize,
+        ttl_ms: u64,
+        handover_timeout_ms: u64,
+        rejoin: &'static str,
+    ) -> Result<Cluster> {
+        build_sibling_binaries()?;
+        let agent_bin = workspace_bin("continuum-agent")?;
+        // WitnessProc finds the witness binary the same way; fail early if absent.
+        workspace_bin("continuum-witness")?;
+        let dir = tempfile::Builder::new()
+            .prefix("continuum-drill-")
+            .tempdir()?;
+        let pki = Arc::new(Pki::generate()?);
+        let mut procs = Vec::new();
+        for _ in 0..witnesses {
+            procs.push(WitnessProc::start(
+                WitnessOpts::default().with_pki(pki.clone()),
+            )?);
+        }
+        let witness_urls: Vec<String> = procs.iter().map(|w| w.api_url()).collect();
+        let tls = TlsMaterial::from_files(&pki.ca_cert, &pki.client.cert, &pki.client.key)?;
+        let mut transports: Vec<Arc<dyn LeaseTransport>> = Vec::new();
+        for u in &witness_urls {
+            transports.push(Arc::new(HttpsTransport::new(
+                u,
+                &tls,
+                Duration::from_millis(500),
+            )?));
+        }
+        let quorum = QuorumClient::new(transports, QuorumConfig::default())?;
+        let a = tokio::task::block_in_place(|| PgRegion::primary(REGIONS[0], REGIONS[1]))?;
+        let b = tokio::task::block_in_place(|| PgRegion::standby_of(&a, REGIONS[1]))?;
+        {
+            let c = a.connect().await?;
+            c.batch_execute(
+                "CREATE TABLE drill_writes (id bigint PRIMARY KEY, region int NOT NULL, \
+                   at timestamptz NOT NULL DEFAULT clock_timestamp()); \
+                 CREATE TABLE drill_probe (id bigserial PRIMARY KEY);",
+            )
+            .await
+            .context("create drill tables")?;
+        }
+        let opts = |_: usize| -> Result<AgentOpts> {
+            Ok(AgentOpts {
+                ttl_ms,
+                admin_port: free_port()?,
+                handover_timeout_ms,
+                rejoin,
+            })
+        };
+        Ok(Cluster {
+            dir,
+            pki,
+            _witnesses: procs,
+            witness_urls,
+            pg: [a, b],
+            agents: [None, None],
+            agent_bin,
+            agent_opts: [opts(0)?, opts(1)?],
+            quorum,
+        })
+    }
+
+    pub fn ttl_ms(&self) -> u64 {
+        self.agent_opts[0].ttl_ms
+    }
+
+    pub fn start_agent(&mut self, region: usize) -> Result<()> {
         let a = AgentProc::start(
             &self.agent_bin,
             self.dir.path(),
             region,
             &self.pg[region],
+            &self.pg[1 - region],
             &self.witness_urls,
             &self.pki,
-            self.ttl_ms,
+            &self.agent_opts[region],
         )?;
         self.agents[region] = Some(a);
         Ok(())
     }
 
-    async fn view(&self) -> Option<MajorityView> {
+    /// SIGKILL the region's agent (its database keeps running).
+    pub fn kill_agent(&mut self, region: usize) {
+        if let Some(a) = self.agents[region].as_mut() {
+            a.kill9();
+        }
+    }
+
+    /// The admin endpoint URL of a region's agent.
+    pub fn admin_url(&self, region: usize) -> String {
+        format!("http://127.0.0.1:{}", self.agent_opts[region].admin_port)
+    }
+
+    /// `GET /failover/status` of a region's agent.
+    pub fn admin_status(&self, region: usize) -> Option<serde_json::Value> {
+        let addr: std::net::SocketAddr =
+            format!("127.0.0.1:{}", self.agent_opts[region].admin_port)
+                .parse()
+                .ok()?;
+        let (code, body) = crate::witness_proc::http_get(addr, "/failover/status").ok()?;
+        (code == 200).then(|| serde_json::from_str(body.trim()).ok())?
+    }
+
+    /// Runs `continuum-agent switchover --to <region>` against both agents;
+    /// returns its stdout (one JSON line).
+    pub fn switchover(&self, to: usize, timeout_s: u64) -> Result<String> {
+        let out = Command::new(&self.agent_bin)
+            .arg("--log-format=text")
+            .arg("switchover")
+            .args(["--to", REGIONS[to]])
+            .args(["--agent", &self.admin_url(0), "--agent", &self.admin_url(1)])
+            .args(["--timeout-s", &timeout_s.to_string()])
+            .stdin(Stdio::null())
+            .output()
+            .context("run continuum-agent switchover")?;
+        if !out.status.success() {
+            bail!(
+                "switchover to {} failed ({}): {}{}\nagent {} log:\n{}\nagent {} log:\n{}",
+                REGIONS[to],
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                REGIONS[0],
+                self.agent_log_tail(0),
+                REGIONS[1],
+                self.agent_log_tail(1),
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub async fn view(&self) -> Option<MajorityView> {
         let name = LeaseName::new(LEASE).ok()?;
         self.quorum.read_majority(&name).await.ok()
     }
 
-    fn agent_log_tail(&self, region: usize) -> String {
+    /// Full text of a region's agent log.
+    pub fn agent_log(&self, region: usize) -> String {
         self.agents[region]
             .as_ref()
-            .map(|a| crate::witness_proc::tail(&a.log, 15))
+            .and_then(|a| std::fs::read_to_string(&a.log).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn agent_log_tail(&self, region: usize) -> String {
+        self.agents[region]
+            .as_ref()
+            .map(|a| crate::witness_proc::tail(&a.log, 25))
             .unwrap_or_default()
     }
 
     /// Waits until `primary` holds the lease, the witnesses record `standby`
     /// as its synchronous standby, and `primary` accepts a write.
-    async fn wait_steady(&self, primary: usize, standby: usize, bound: Duration) -> Result<()> {
+    pub async fn wait_steady(&self, primary: usize, standby: usize, bound: Duration) -> Result<()> {
         let start = Instant::now();
         let want_holder = HolderId::new(REGIONS[primary])?;
         let want_sync = HolderId::new(REGIONS[standby])?;
@@ -183,7 +346,8 @@ impl Cluster {
         }
     }
 
-    async fn accepts_write(&self, region: usize) -> bool {
+    /// Whether a region's database commits a probe row within 500 ms.
+    pub async fn accepts_write(&self, region: usize) -> bool {
         let Ok(c) = self.pg[region].connect().await else {
             return false;
         };
@@ -202,72 +366,151 @@ pub async fn region_kill(opts: DrillOpts) -> Result<Report> {
         opts.witnesses == 1 || opts.witnesses == 3,
         "--witnesses must be 1 or 3"
     );
-    build_sibling_binaries()?;
-    let agent_bin = workspace_bin("continuum-agent")?;
-    // WitnessProc finds the witness binary the same way; fail early if absent.
-    workspace_bin("continuum-witness")?;
-
-    let dir = tempfile::Builder::new()
-        .prefix("continuum-drill-")
-        .tempdir()?;
-    let pki = Arc::new(Pki::generate()?);
-    let mut witnesses = Vec::new();
-    for _ in 0..opts.witnesses {
-        witnesses.push(WitnessProc::start(
-            WitnessOpts::default().with_pki(pki.clone()),
-        )?);
-    }
-    let witness_urls: Vec<String> = witnesses.iter().map(|w| w.api_url()).collect();
-    let tls = TlsMaterial::from_files(&pki.ca_cert, &pki.client.cert, &pki.client.key)?;
-    let mut transports: Vec<Arc<dyn LeaseTransport>> = Vec::new();
-    for u in &witness_urls {
-        transports.push(Arc::new(HttpsTransport::new(
-            u,
-            &tls,
-            Duration::from_millis(500),
-        )?));
-    }
-    let quorum = QuorumClient::new(transports, QuorumConfig::default())?;
-
-    let a = tokio::task::block_in_place(|| PgRegion::primary(REGIONS[0], REGIONS[1]))?;
-    let b = tokio::task::block_in_place(|| PgRegion::standby_of(&a, REGIONS[1]))?;
-    {
-        let c = a.connect().await?;
-        c.batch_execute(
-            "CREATE TABLE drill_writes (id bigint PRIMARY KEY, region int NOT NULL, \
-               at timestamptz NOT NULL DEFAULT clock_timestamp()); \
-             CREATE TABLE drill_probe (id bigserial PRIMARY KEY);",
-        )
-        .await
-        .context("create drill tables")?;
-    }
-    let mut cluster = Cluster {
-        dir,
-        pki,
-        _witnesses: witnesses,
-        witness_urls,
-        pg: [a, b],
-        agents: [None, None],
-        agent_bin,
-        ttl_ms: opts.ttl_ms,
-        quorum,
-    };
+    let handover_timeout = (opts.ttl_ms * 4).max(10_000);
+    let mut cluster = Cluster::new(opts.witnesses, opts.ttl_ms, handover_timeout, "off").await?;
     cluster.start_agent(0)?;
     cluster.start_agent(1)?;
 
     let settle = Duration::from_millis(opts.ttl_ms * 4 + 20_000);
     let mut iterations = Vec::new();
-    let mut primary = 0usize;
     let mut next_id = 1i64;
     let drill_start = Instant::now();
     for n in 0..opts.iterations {
-        let standby = 1 - primary;
-        cluster.wait_steady(primary, standby, settle).await?;
-        let it = one_iteration(&mut cluster, n, primary, &mut next_id, &opts, drill_start).await?;
+        // Region 0 is the primary at the start of every iteration: killed,
+        // rebuilt, then failed back to by a planned switchover.
+        cluster.wait_steady(0, 1, settle).await?;
+        let mut it = one_iteration(&mut cluster, n, 0, &mut next_id, &opts, drill_start).await?;
+        cluster.wait_steady(1, 0, settle).await?;
+        let sw = switchover_phase(&mut cluster, 1, 0, &mut next_id, &opts).await?;
+        it.switchover_ms = sw.downtime_ms;
+        it.switchover_gap_ms = sw.gap_ms;
+        it.switchover_acked_writes = sw.acked;
+        it.lost_acked_writes += sw.lost;
+        it.split_brain += sw.split;
+        it.switchover_rebuilt = sw.rebuilt;
         iterations.push(it);
-        primary = standby;
     }
     Ok(Report::new(&opts, iterations))
+}
+
+/// What one planned switchover under the writer showed.
+pub struct SwitchoverFigures {
+    /// Fence on the old primary to the first write acknowledged by the new.
+    pub downtime_ms: Option<f64>,
+    /// Last write acknowledged by the old primary to the first by the new.
+    pub gap_ms: Option<f64>,
+    pub acked: u64,
+    pub lost: u64,
+    /// 1 if the old primary acknowledged anything after the new one's first.
+    pub split: u64,
+    /// The old primary needed pg_rewind to follow (should never happen).
+    pub rebuilt: bool,
+    /// The command's JSON line.
+    pub output: String,
+}
+
+fn unix_ms_of(anchor: (std::time::SystemTime, Instant), at: Instant) -> f64 {
+    let base = anchor
+        .0
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    base + at.saturating_duration_since(anchor.1).as_secs_f64() * 1000.0
+        - anchor.1.saturating_duration_since(at).as_secs_f64() * 1000.0
+}
+
+/// Runs `continuum-agent switchover` from `from` to `to` under a writer and
+/// checks every acknowledged write is on the new primary, the old primary
+/// never acknowledged after the new one did, and the old primary follows
+/// without a rebuild.
+pub async fn switchover_phase(
+    cluster: &mut Cluster,
+    from: usize,
+    to: usize,
+    next_id: &mut i64,
+    opts: &DrillOpts,
+) -> Result<SwitchoverFigures> {
+    let conninfos: Vec<String> = cluster.pg.iter().map(|p| p.conninfo()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let anchor = (std::time::SystemTime::now(), Instant::now());
+    let writer = tokio::spawn(writer::run(conninfos, from, *next_id, stop.clone()));
+    tokio::time::sleep(opts.warmup / 2).await;
+    let output = tokio::task::block_in_place(|| cluster.switchover(to, 60))?;
+    // Writes on the new primary for a moment, then stop.
+    let bound = Instant::now() + Duration::from_secs(20);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let acked_new = cluster.accepts_write(to).await;
+        if (acked_new && Instant::now() + Duration::from_secs(19) > bound) || Instant::now() > bound
+        {
+            break;
+        }
+    }
+    tokio::time::sleep(opts.warmup / 4).await;
+    stop.store(true, Ordering::Relaxed);
+    let log = writer.await.context("writer task")?;
+    *next_id = log
+        .acks
+        .iter()
+        .map(|a| a.id)
+        .max()
+        .unwrap_or(*next_id)
+        .max(*next_id)
+        + 10_000;
+
+    let ids: Vec<i64> = log.acks.iter().map(|a| a.id).collect();
+    let c = cluster.pg[to].connect().await?;
+    let present: i64 = c
+        .query_one(
+            "SELECT count(*) FROM drill_writes WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .context("count acknowledged writes on the new primary")?
+        .get(0);
+    let first_new = log
+        .acks
+        .iter()
+        .filter(|a| a.region == to)
+        .map(|a| a.at)
+        .min();
+    let last_old = log
+        .acks
+        .iter()
+        .filter(|a| a.region == from && first_new.is_none_or(|f| a.at < f))
+        .map(|a| a.at)
+        .max();
+    let split = first_new.is_some_and(|f| log.acks.iter().any(|a| a.region == from && a.at > f));
+    // The old primary's agent reports when it fenced.
+    let mut fenced_at = None;
+    let mut rebuilt = false;
+    let wait = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < wait {
+        if let Some(st) = cluster.admin_status(from) {
+            let h = &st["last_handover"];
+            fenced_at = h["fenced_at_unix_ms"].as_f64();
+            if h["followed_at_unix_ms"].is_number() {
+                rebuilt = h["rebuilt"].as_bool().unwrap_or(false);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ms = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+        (Some(a), Some(b)) => Some(b.saturating_duration_since(a).as_secs_f64() * 1000.0),
+        _ => None,
+    };
+    Ok(SwitchoverFigures {
+        downtime_ms: match (fenced_at, first_new) {
+            (Some(f), Some(n)) => Some(unix_ms_of(anchor, n) - f),
+            _ => None,
+        },
+        gap_ms: ms(last_old, first_new),
+        acked: ids.len() as u64,
+        lost: (ids.len() as i64 - present).max(0) as u64,
+        split: u64::from(split),
+        rebuilt,
+        output,
+    })
 }
 
 async fn one_iteration(
@@ -384,6 +627,10 @@ async fn one_iteration(
         lease_expired_ms: ms(expired_at),
         promoted_ms: ms(promoted_at),
         killed_at_ms: killed_at.duration_since(drill_start).as_secs_f64() * 1000.0,
+        switchover_ms: None,
+        switchover_gap_ms: None,
+        switchover_acked_writes: 0,
+        switchover_rebuilt: false,
         acks_ms: log
             .acks
             .iter()

@@ -24,6 +24,15 @@ pub struct IterationReport {
     pub promoted_ms: Option<f64>,
     /// When the kill happened, from the drill's start.
     pub killed_at_ms: f64,
+    /// Failback by `continuum-agent switchover`: fence on the old primary to
+    /// the first write acknowledged by the new one.
+    pub switchover_ms: Option<f64>,
+    /// Failback: last write acknowledged by the old primary to the first by
+    /// the new one (what a client sees).
+    pub switchover_gap_ms: Option<f64>,
+    pub switchover_acked_writes: u64,
+    /// The old primary needed pg_rewind to follow (a clean handover never does).
+    pub switchover_rebuilt: bool,
     /// (region index, ms from the kill) of acknowledgements around the kill.
     #[serde(skip)]
     pub acks_ms: Vec<(usize, f64)>,
@@ -46,7 +55,20 @@ pub struct Report {
     pub lost_acked_writes: u64,
     pub split_brain: u64,
     pub rto_ms: Percentiles,
+    /// Failback switchovers: fence to first write on the new primary.
+    pub switchover_ms: Percentiles,
+    /// Failback switchovers that needed a rebuild of the old primary.
+    pub switchover_rebuilds: u64,
     pub runs: Vec<IterationReport>,
+}
+
+fn percentiles(mut v: Vec<f64>) -> Percentiles {
+    v.sort_by(|a, b| a.total_cmp(b));
+    Percentiles {
+        p50: percentile(&v, 50.0),
+        p99: percentile(&v, 99.0),
+        max: v.last().copied().unwrap_or(f64::NAN),
+    }
 }
 
 /// Nearest-rank percentile of sorted samples.
@@ -60,20 +82,21 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 impl Report {
     pub fn new(opts: &DrillOpts, runs: Vec<IterationReport>) -> Report {
-        let mut rto: Vec<f64> = runs.iter().filter_map(|r| r.rto_ms).collect();
-        rto.sort_by(|a, b| a.total_cmp(b));
+        let rto: Vec<f64> = runs.iter().filter_map(|r| r.rto_ms).collect();
+        let sw: Vec<f64> = runs.iter().filter_map(|r| r.switchover_ms).collect();
         Report {
             iterations: runs.len(),
             witnesses: opts.witnesses,
             ttl_ms: opts.ttl_ms,
-            acked_writes: runs.iter().map(|r| r.acked_writes).sum(),
+            acked_writes: runs
+                .iter()
+                .map(|r| r.acked_writes + r.switchover_acked_writes)
+                .sum(),
             lost_acked_writes: runs.iter().map(|r| r.lost_acked_writes).sum(),
             split_brain: runs.iter().map(|r| r.split_brain).sum(),
-            rto_ms: Percentiles {
-                p50: percentile(&rto, 50.0),
-                p99: percentile(&rto, 99.0),
-                max: rto.last().copied().unwrap_or(f64::NAN),
-            },
+            rto_ms: percentiles(rto),
+            switchover_ms: percentiles(sw),
+            switchover_rebuilds: runs.iter().filter(|r| r.switchover_rebuilt).count() as u64,
             runs,
         }
     }
@@ -83,11 +106,11 @@ impl Report {
             "region-kill drill: {} iteration(s), {} witness(es), TTL {} ms\n",
             self.iterations, self.witnesses, self.ttl_ms
         );
-        out.push_str("  iter  killed     promoted   epoch  expired_ms  promoted_ms  rto_ms  acked  lost  split\n");
+        out.push_str("  iter  killed     promoted   epoch  expired_ms  promoted_ms  rto_ms  acked  lost  split  failback_ms  gap_ms\n");
         for r in &self.runs {
             let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
             out.push_str(&format!(
-                "  {:>4}  {:<9}  {:<9}  {:>5}  {:>10}  {:>11}  {:>6}  {:>5}  {:>4}  {:>5}\n",
+                "  {:>4}  {:<9}  {:<9}  {:>5}  {:>10}  {:>11}  {:>6}  {:>5}  {:>4}  {:>5}  {:>11}  {:>6}\n",
                 r.iteration,
                 r.killed,
                 r.promoted,
@@ -95,9 +118,11 @@ impl Report {
                 f(r.lease_expired_ms),
                 f(r.promoted_ms),
                 f(r.rto_ms),
-                r.acked_writes,
+                r.acked_writes + r.switchover_acked_writes,
                 r.lost_acked_writes,
-                r.split_brain
+                r.split_brain,
+                f(r.switchover_ms),
+                f(r.switchover_gap_ms)
             ));
         }
         out.push_str(&format!(
@@ -108,6 +133,13 @@ impl Report {
             self.rto_ms.p50,
             self.rto_ms.p99,
             self.rto_ms.max
+        ));
+        out.push_str(&format!(
+            "  failback by switchover (fence to first write on the new primary): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; old primary rebuilt {} time(s)\n",
+            self.switchover_ms.p50,
+            self.switchover_ms.p99,
+            self.switchover_ms.max,
+            self.switchover_rebuilds
         ));
         out
     }

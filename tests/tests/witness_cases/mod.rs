@@ -91,6 +91,7 @@ pub async fn lifecycle(w: &WitnessProc) {
         sync_standby: Some(holder("us-1")),
         confirmed_lsn: Some(0x1_6B37_4D48),
         seq: 1,
+        ..Default::default()
     };
     let (s, r) = c
         .send(&Request::UpdateMeta(UpdateMeta {
