@@ -32,21 +32,30 @@ const RENDERS: &[&str] = &[
 const DEFAULT_RENDERS: &[&str] = &["manifests/base", "manifests/witness"];
 
 fn kubectl() -> Option<&'static str> {
-    let ok = Command::new("kubectl")
+    let Ok(out) = Command::new("kubectl")
         .args(["version", "--client"])
-        .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        Some("kubectl")
-    } else {
+        .output()
+    else {
         eprintln!(
             "SKIP: kubectl not found; the kustomize renders are not checked \
              (install kubectl with kustomize v4+ to run them)"
         );
-        None
-    }
+        return None;
+    };
+    // Components need kustomize v3.7+; Debian's kubernetes-client (1.20)
+    // embeds v2 and cannot render them: fail loudly rather than skip.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let major = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Kustomize Version: v"))
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse::<u32>().ok());
+    assert!(
+        out.status.success() && major.is_some_and(|m| m >= 4),
+        "kubectl is too old for these manifests (needs kustomize v4+):\n{text}"
+    );
+    Some("kubectl")
 }
 
 fn parse_docs(text: &str) -> Vec<Value> {
