@@ -332,6 +332,76 @@ fn the_only_host_path_is_etc_rancher_k3s_on_the_node_pivot_daemonset() {
     }
 }
 
+/// Whether a NetworkPolicy podSelector selects pods with `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let by_labels = selector["matchLabels"]
+        .as_object()
+        .is_none_or(|m| m.iter().all(|(k, v)| &labels[k] == v));
+    let by_exprs = selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|e| {
+            let vals = e["values"].as_array().cloned().unwrap_or_default();
+            match e["operator"].as_str() {
+                Some("In") => vals.contains(&labels[e["key"].as_str().unwrap_or("")]),
+                Some("Exists") => !labels[e["key"].as_str().unwrap_or("")].is_null(),
+                _ => false,
+            }
+        });
+    by_labels && by_exprs
+}
+
+#[test]
+fn network_policies_deny_by_default_and_open_only_each_pods_ports() {
+    let Some(k) = kubectl() else { return };
+    for dir in ["manifests/overlays/example", "manifests/witness"] {
+        let (objs, _) = render(k, dir);
+        let policies: Vec<&Value> = of_kind(&objs, "NetworkPolicy").collect();
+        for w in workloads(&objs) {
+            let labels = &w["spec"]["template"]["metadata"]["labels"];
+            let mine: Vec<&&Value> = policies
+                .iter()
+                .filter(|p| selects(&p["spec"]["podSelector"], labels))
+                .collect();
+            let types: BTreeSet<&str> = mine
+                .iter()
+                .flat_map(|p| p["spec"]["policyTypes"].as_array().into_iter().flatten())
+                .filter_map(Value::as_str)
+                .collect();
+            assert_eq!(
+                types,
+                ["Egress", "Ingress"].into(),
+                "{dir} {}: not isolated both ways",
+                name(w)
+            );
+            // Allowed ingress ports are exactly the container ports.
+            let allowed: BTreeSet<i64> = mine
+                .iter()
+                .flat_map(|p| p["spec"]["ingress"].as_array().into_iter().flatten())
+                .flat_map(|r| r["ports"].as_array().into_iter().flatten())
+                .filter_map(|p| p["port"].as_i64())
+                .collect();
+            let ports: BTreeSet<i64> = containers(w)
+                .iter()
+                .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+                .filter_map(|p| p["containerPort"].as_i64())
+                .collect();
+            assert_eq!(allowed, ports, "{dir} {}: ingress ports", name(w));
+            // Every egress rule names its ports.
+            for p in &mine {
+                for r in p["spec"]["egress"].as_array().into_iter().flatten() {
+                    assert!(
+                        r["ports"].is_array(),
+                        "{dir} {}: egress to any port",
+                        name(p)
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// `<bin> <subcommand...> --help` text, and whether `<bin> <args...> --help`
 /// parses (clap validates every flag and value before it reaches `--help`).
 fn help(bin: &Path, args: &[&str]) -> (bool, String) {
