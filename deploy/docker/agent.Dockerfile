@@ -7,8 +7,8 @@
 # pivot watch-sources). `pivot sources` needs the git CLI and `failover`
 # runs next to PostgreSQL (pg_rewind): neither is meant for this image.
 
-FROM rust:1.95-alpine3.21 AS build
-RUN apk add --no-cache musl-dev protobuf-dev
+FROM rust:1.95-alpine AS build
+RUN apk add --no-cache gcc musl-dev protoc protobuf-dev
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

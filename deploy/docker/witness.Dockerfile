@@ -3,8 +3,8 @@
 #   docker build -f deploy/docker/witness.Dockerfile -t ghcr.io/openova-io/continuum-witness:0.1.0 .
 # (Not built in CI: Docker cannot run on the project's machines.)
 
-FROM rust:1.95-alpine3.21 AS build
-RUN apk add --no-cache musl-dev protobuf-dev
+FROM rust:1.95-alpine AS build
+RUN apk add --no-cache gcc musl-dev protoc protobuf-dev
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
