@@ -313,6 +313,11 @@ async fn create(s: &TestApi, r: Res<'_>, ns: Option<&str>, obj: Value, status: O
 
 /// The resources a Flux cluster serves beyond the test server's defaults.
 fn register_flux(s: &TestApi) {
+    register_flux_with(s, true);
+}
+
+/// `oci`: whether the cluster serves OCIRepository (older Flux does not).
+fn register_flux_with(s: &TestApi, oci: bool) {
     s.register(ResourceSpec::new(
         "source.toolkit.fluxcd.io",
         "v1",
@@ -321,14 +326,16 @@ fn register_flux(s: &TestApi) {
         true,
         true,
     ));
-    s.register(ResourceSpec::new(
-        "source.toolkit.fluxcd.io",
-        "v1beta2",
-        "ocirepositories",
-        "OCIRepository",
-        true,
-        true,
-    ));
+    if oci {
+        s.register(ResourceSpec::new(
+            "source.toolkit.fluxcd.io",
+            "v1beta2",
+            "ocirepositories",
+            "OCIRepository",
+            true,
+            true,
+        ));
+    }
     s.register(ResourceSpec::new(
         "kustomize.toolkit.fluxcd.io",
         "v1",
@@ -366,7 +373,11 @@ fn register_flux(s: &TestApi) {
 /// Flux v2.4.0 as cloud-init installs it: CRDs (stored v2 / v1), controllers
 /// (available), their ServiceAccounts and RBAC.
 async fn seed_flux(s: &TestApi) {
-    register_flux(s);
+    seed_flux_with(s, true).await;
+}
+
+async fn seed_flux_with(s: &TestApi, oci: bool) {
+    register_flux_with(s, oci);
     for (doc, stored) in [
         (
             crd_doc(
@@ -1210,6 +1221,36 @@ async fn agent_runs_the_guard_while_leading() {
             .filter(|r| r.code == 403)
             .collect::<Vec<_>>()
     );
+}
+
+/// A source kind the cluster does not serve (OCIRepository on an older Flux) is not
+/// watched, so its failing watch cannot stall the others: a new HelmChart
+/// artifact is still checked at once.
+#[tokio::test]
+async fn unserved_source_kind_does_not_stall_the_guard() {
+    let s = TestApi::start_with_role(&role_path()).await.unwrap();
+    let http = ArtifactServer::start().await;
+    seed_flux_with(&s, false).await;
+    let (url, digest) = http.put("/ok.tgz", safe_chart());
+    publish_chart(&s, "flux-system-bp-flux", &url, "1.1.2", &digest).await;
+    seed_bp_flux(&s).await;
+    let _g = start_guard(&s, config(true, false));
+    wait_for("checked", || {
+        annotation(&hr(&s, FLUX_NS, "bp-flux"), fg::ANNOTATION_CHECKED).is_some()
+    })
+    .await;
+    let (url2, digest2) = http.put("/bad.tgz", unsafe_chart());
+    publish_chart(&s, "flux-system-bp-flux", &url2, "1.1.1", &digest2).await;
+    wait_for("blocked", || suspended(&hr(&s, FLUX_NS, "bp-flux"))).await;
+    // Probed once, then left alone (a failing watch would retry its list forever).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let oci: Vec<_> = s
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource == "ocirepositories")
+        .collect();
+    assert_eq!(oci.len(), 1, "{oci:?}");
+    assert_eq!((oci[0].verb.as_str(), oci[0].code), ("list", 404));
 }
 
 /// Property: the CRD comparison on charts extracted from real archives agrees

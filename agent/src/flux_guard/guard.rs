@@ -535,6 +535,14 @@ pub async fn run(ctx: Arc<Ctx>) {
     for kind in [SourceKind::HelmChart, SourceKind::OciRepository] {
         let ar = kind.api_resource();
         let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &ar);
+        // A kind this cluster does not serve would fail its watch forever, and the
+        // controller's shared trigger backoff would then delay every HelmRelease.
+        if let Err(kube::Error::Api(s)) = api.list_metadata(&ListParams::default().limit(1)).await {
+            if s.code == 404 {
+                tracing::warn!(kind = ?kind, "flux guard: source kind not served, not watched (HelmRelease changes still trigger checks)");
+                continue;
+            }
+        }
         let store = store.clone();
         ctl = ctl.watches_with(api, ar, watcher::Config::default(), move |src| {
             refs_for(&store, kind, &src)
