@@ -312,12 +312,8 @@ async fn create(s: &TestApi, r: Res<'_>, ns: Option<&str>, obj: Value, status: O
 }
 
 /// The resources a Flux cluster serves beyond the test server's defaults.
-fn register_flux(s: &TestApi) {
-    register_flux_with(s, true);
-}
-
 /// `oci`: whether the cluster serves OCIRepository (older Flux does not).
-fn register_flux_with(s: &TestApi, oci: bool) {
+fn register_flux(s: &TestApi, oci: bool) {
     s.register(ResourceSpec::new(
         "source.toolkit.fluxcd.io",
         "v1",
@@ -377,7 +373,7 @@ async fn seed_flux(s: &TestApi) {
 }
 
 async fn seed_flux_with(s: &TestApi, oci: bool) {
-    register_flux_with(s, oci);
+    register_flux(s, oci);
     for (doc, stored) in [
         (
             crd_doc(
