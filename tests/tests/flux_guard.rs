@@ -187,7 +187,9 @@ fn yaml(v: &Value) -> String {
 }
 
 /// bp-flux with the flux2 subchart as a nested .tgz (CRDs in its templates, as
-/// the community chart ships them) and one CRD in the parent's crds/.
+/// the community chart ships them, one wrapped in template actions), and in the
+/// parent's crds/ a stale helmcharts CRD (only v1beta2; live stores v1) that
+/// helm-controller's default CRD policy never replaces.
 fn bp_flux_chart(
     version: &str,
     flux_app_version: &str,
@@ -208,6 +210,12 @@ fn bp_flux_chart(
     let template = format!(
         "{{{{- if .Values.installCRDs }}}}\n---\n{hr_crd}---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{{{ .Release.Name }}}}-x\n{{{{- end }}}}\n"
     );
+    let ks_crd = yaml(&crd_doc(
+        "kustomizations",
+        "kustomize.toolkit.fluxcd.io",
+        "Kustomization",
+        ks_versions,
+    ));
     let sub = tgz(&[
         (
             "flux2/Chart.yaml".into(),
@@ -218,16 +226,17 @@ fn bp_flux_chart(
             format!("installCRDs: true\nhelmController:\n  image: ghcr.io/fluxcd/helm-controller\n  tag: {helm_controller_tag}\n"),
         ),
         ("flux2/templates/crds.yaml".into(), template),
+        ("flux2/templates/kustomize-controller.crds.yaml".into(), ks_crd),
         (
             "flux2/templates/deployment.yaml".into(),
             "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {{ .Release.Name }}\n".into(),
         ),
     ]);
-    let ks_crd = yaml(&crd_doc(
-        "kustomizations",
-        "kustomize.toolkit.fluxcd.io",
-        "Kustomization",
-        ks_versions,
+    let stale = yaml(&crd_doc(
+        "helmcharts",
+        "source.toolkit.fluxcd.io",
+        "HelmChart",
+        &[("v1beta2", true, true)],
     ));
     tgz_bytes(vec![
         (
@@ -235,10 +244,7 @@ fn bp_flux_chart(
             format!("apiVersion: v2\nname: bp-flux\nversion: {version}\n").into_bytes(),
         ),
         ("bp-flux/values.yaml".into(), b"flux2: {}\n".to_vec()),
-        (
-            "bp-flux/crds/kustomizations.yaml".into(),
-            ks_crd.into_bytes(),
-        ),
+        ("bp-flux/crds/helmcharts.yaml".into(), stale.into_bytes()),
         ("bp-flux/charts/flux2-2.13.0.tgz".into(), sub),
     ])
 }
@@ -1247,6 +1253,78 @@ async fn unserved_source_kind_does_not_stall_the_guard() {
         .collect();
     assert_eq!(oci.len(), 1, "{oci:?}");
     assert_eq!((oci[0].verb.as_str(), oci[0].code), ("list", 404));
+}
+
+/// CRDs in the chart's crds/ directory are compared only when helm-controller
+/// would replace them (`install.crds`/`upgrade.crds: CreateReplace`): by default
+/// Helm leaves existing ones alone, so a stale copy there is no danger.
+#[tokio::test]
+async fn crds_dir_is_checked_only_when_helm_would_replace_it() {
+    let s = TestApi::start_with_role(&role_path()).await.unwrap();
+    let http = ArtifactServer::start().await;
+    seed_flux(&s).await;
+    let (url, digest) = http.put("/bp-flux-1.1.2.tgz", safe_chart());
+    publish_chart(&s, "flux-system-bp-flux", &url, "1.1.2", &digest).await;
+    let m = Metrics::new(&prometheus::Registry::new()).unwrap();
+    let ctx = guard::Ctx::new(
+        s.client().unwrap(),
+        config(true, false),
+        m.clone(),
+        Arc::new(SkewState::new("x/y".into(), m)),
+        "t".into(),
+    );
+    let typed: Api<GuardedHr> = Api::namespaced(s.admin_client().unwrap(), FLUX_NS);
+    for (name, install, upgrade, history, blocked) in [
+        ("default-install", None, None, false, false),
+        ("default-upgrade", None, None, true, false),
+        (
+            "replace-on-install",
+            Some("CreateReplace"),
+            None,
+            false,
+            true,
+        ),
+        (
+            "replace-on-upgrade",
+            None,
+            Some("CreateReplace"),
+            true,
+            true,
+        ),
+    ] {
+        let mut spec = json!({"chartRef": {"kind": "HelmChart", "name": "flux-system-bp-flux"}});
+        if let Some(p) = install {
+            spec["install"] = json!({"crds": p});
+        }
+        if let Some(p) = upgrade {
+            spec["upgrade"] = json!({"crds": p});
+        }
+        let status = history.then(|| json!({"history": [{"status": "deployed", "version": 1}]}));
+        create(
+            &s,
+            (
+                "helm.toolkit.fluxcd.io",
+                "v2",
+                "HelmRelease",
+                "helmreleases",
+            ),
+            Some(FLUX_NS),
+            json!({"apiVersion": "helm.toolkit.fluxcd.io/v2", "kind": "HelmRelease",
+                "metadata": {"name": name, "namespace": FLUX_NS}, "spec": spec}),
+            status,
+        )
+        .await;
+        let h = typed.get(name).await.unwrap();
+        match guard::process(&ctx, &h).await.unwrap() {
+            Outcome::Blocked(v) if blocked => {
+                assert_eq!(v.len(), 1, "{name}: {v:?}");
+                assert_eq!(v[0].crd(), "helmcharts.source.toolkit.fluxcd.io", "{name}");
+                assert_eq!(v[0].label(), "stored_version_missing", "{name}");
+            }
+            Outcome::Passed { .. } if !blocked => {}
+            other => panic!("{name}: {other:?}"),
+        }
+    }
 }
 
 /// Property: the CRD comparison on charts extracted from real archives agrees

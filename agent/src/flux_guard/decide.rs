@@ -7,7 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use super::chart::ChartCrd;
 use super::crd::CrdView;
+use super::source::CrdPolicy;
 
 /// A CRD the previous checked revision carried and this one does not.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,14 +183,40 @@ pub fn decide(input: &Input) -> Verdict {
     }
 }
 
-/// CRD names the previous revision carried that this one does not.
-pub fn removed_names(previous: &BTreeSet<String>, chart: &[CrdView]) -> BTreeSet<String> {
-    let now: BTreeSet<&str> = chart.iter().map(|c| c.name.as_str()).collect();
-    previous
+/// The chart CRDs Helm will send to the API server: every `templates/` CRD, and
+/// `crds/` ones per helm-controller's policy (Skip: none; Create: those not live yet).
+pub fn applied_crds(
+    chart: &[ChartCrd],
+    policy: CrdPolicy,
+    live: &BTreeSet<String>,
+) -> Vec<CrdView> {
+    chart
         .iter()
-        .filter(|p| !now.contains(p.as_str()))
-        .cloned()
+        .filter(|c| {
+            c.from_templates
+                || match policy {
+                    CrdPolicy::Skip => false,
+                    CrdPolicy::Create => !live.contains(&c.crd.name),
+                    CrdPolicy::CreateReplace => true,
+                }
+        })
+        .map(|c| c.crd.clone())
         .collect()
+}
+
+/// CRD names Helm deletes when a later revision drops them (`templates/` only:
+/// Helm never deletes `crds/` CRDs).
+pub fn deletable_names(chart: &[ChartCrd]) -> BTreeSet<String> {
+    chart
+        .iter()
+        .filter(|c| c.from_templates)
+        .map(|c| c.crd.name.clone())
+        .collect()
+}
+
+/// CRD names the previous revision carried that this one does not.
+pub fn removed_names(previous: &BTreeSet<String>, now: &BTreeSet<String>) -> BTreeSet<String> {
+    previous.difference(now).cloned().collect()
 }
 
 /// Whether an override annotation names this revision (`revision` or `revision@digest`).
@@ -371,8 +399,23 @@ mod tests {
     #[test]
     fn removed_and_override() {
         let prev: BTreeSet<String> = [HR.to_string(), KS.to_string()].into();
-        let chart = vec![crd(HR, &[("v2", true, true)], &[])];
-        assert_eq!(removed_names(&prev, &chart), [KS.to_string()].into());
+        let chart = vec![
+            ChartCrd {
+                crd: crd(HR, &[("v2", true, true)], &[]),
+                file: "t".into(),
+                from_templates: true,
+            },
+            ChartCrd {
+                crd: crd(KS, &[("v1", true, true)], &[]),
+                file: "c".into(),
+                from_templates: false,
+            },
+        ];
+        // A CRD moved to crds/ is no longer Helm's to delete: it counts as removed from templates.
+        assert_eq!(
+            removed_names(&prev, &deletable_names(&chart)),
+            [KS.to_string()].into()
+        );
         assert!(override_matches(Some("1.1.1"), "1.1.1", "1.1.1@sha256:ab"));
         assert!(override_matches(
             Some(" 1.1.1@sha256:ab "),
@@ -382,6 +425,26 @@ mod tests {
         assert!(!override_matches(Some("1.1.0"), "1.1.1", "1.1.1@sha256:ab"));
         assert!(!override_matches(Some(""), "", ""));
         assert!(!override_matches(None, "1", "1"));
+    }
+
+    #[test]
+    fn crds_dir_follows_the_helm_controller_policy() {
+        let t = |name: &str, templates: bool| ChartCrd {
+            crd: crd(name, &[("v1", true, true)], &[]),
+            file: "f".into(),
+            from_templates: templates,
+        };
+        let chart = vec![t("a.x", true), t("b.x", false), t("c.x", false)];
+        let live: BTreeSet<String> = ["a.x".to_string(), "b.x".to_string()].into();
+        let names = |p| {
+            applied_crds(&chart, p, &live)
+                .into_iter()
+                .map(|c| c.name)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(CrdPolicy::Skip), ["a.x"]);
+        assert_eq!(names(CrdPolicy::Create), ["a.x", "c.x"]);
+        assert_eq!(names(CrdPolicy::CreateReplace), ["a.x", "b.x", "c.x"]);
     }
 
     fn version_set() -> impl Strategy<Value = Vec<(String, bool, bool)>> {

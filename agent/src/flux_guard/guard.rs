@@ -345,14 +345,17 @@ async fn check(
     let (ns, name) = (hr.namespace().to_string(), hr.name().to_string());
     let hr_key = format!("{ns}/{name}");
     let key = artifact.key();
-    let chart_crds: Vec<CrdView> = contents.crds.iter().map(|c| c.crd.clone()).collect();
     let mut live = BTreeMap::new();
-    let names: BTreeSet<String> = chart_crds.iter().map(|c| c.name.clone()).collect();
-    for n in &names {
+    let all_names: BTreeSet<String> = contents.crds.iter().map(|c| c.crd.name.clone()).collect();
+    for n in &all_names {
         if let Some(l) = live_crd(&ctx.client, n).await? {
             live.insert(n.to_string(), l);
         }
     }
+    let live_names: BTreeSet<String> = live.keys().cloned().collect();
+    let chart_crds: Vec<CrdView> =
+        decide::applied_crds(&contents.crds, hr.crd_policy(), &live_names);
+    let names = decide::deletable_names(&contents.crds);
     let previous: BTreeSet<String> = hr
         .annotation(ANNOTATION_CRDS)
         .unwrap_or("")
@@ -362,7 +365,7 @@ async fn check(
         .map(str::to_string)
         .collect();
     let mut removed = BTreeMap::new();
-    for r in decide::removed_names(&previous, &chart_crds) {
+    for r in decide::removed_names(&previous, &names) {
         if let Some(l) = live_crd(&ctx.client, &r).await? {
             removed.insert(r, removed_state(&ctx.client, &l).await?);
         }
@@ -469,7 +472,7 @@ async fn check(
                 }
                 _ => {
                     ctx.metrics.checks.with_label_values(&["pass"]).inc();
-                    tracing::info!(namespace = %ns, name = %name, revision = %key, crds = names.len(), resumed = resume,
+                    tracing::info!(namespace = %ns, name = %name, revision = %key, crds = all_names.len(), resumed = resume,
                         "flux guard: chart revision checked, CRDs safe");
                     if resume {
                         publish(

@@ -33,7 +33,8 @@ use tokio::task::JoinHandle;
 pub const ANNOTATION_OVERRIDE: &str = "dr.openova.io/flux-guard-override";
 /// The last chart revision the guard checked and let through (`revision@digest`).
 pub const ANNOTATION_CHECKED: &str = "dr.openova.io/flux-guard-checked";
-/// CRD names the last checked revision carried (comma separated), to see removals.
+/// `templates/` CRD names of the last checked revision (comma separated): Helm
+/// deletes those a later revision drops.
 pub const ANNOTATION_CRDS: &str = "dr.openova.io/flux-guard-crds";
 /// Set while the guard holds the HelmRelease suspended: the blocked revision.
 pub const ANNOTATION_BLOCKED: &str = "dr.openova.io/flux-guard-blocked";

@@ -41,7 +41,17 @@ fn de_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Erro
 fn de_spec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
     let mut v = Value::deserialize(d)?;
     if let Value::Object(m) = &mut v {
-        m.retain(|k, _| matches!(k.as_str(), "chart" | "chartRef" | "suspend"));
+        m.retain(|k, _| {
+            matches!(
+                k.as_str(),
+                "chart" | "chartRef" | "suspend" | "install" | "upgrade"
+            )
+        });
+        for k in ["install", "upgrade"] {
+            if let Some(Value::Object(a)) = m.get_mut(k) {
+                a.retain(|k, _| k == "crds");
+            }
+        }
     }
     Ok(v)
 }
@@ -49,7 +59,14 @@ fn de_spec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
 fn de_status<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     let mut v = Option::<Value>::deserialize(d)?;
     if let Some(Value::Object(m)) = &mut v {
-        m.retain(|k, _| k == "helmChart");
+        m.retain(|k, _| k == "helmChart" || k == "history");
+        // Only whether a release exists matters (install vs upgrade CRD policy).
+        if let Some(Value::Array(h)) = m.get_mut("history") {
+            h.truncate(1);
+            if let Some(first) = h.first_mut() {
+                *first = Value::Object(Default::default());
+            }
+        }
     }
     Ok(v)
 }
@@ -95,6 +112,43 @@ impl GuardedHr {
     pub fn suspended(&self) -> bool {
         self.spec.get("suspend").and_then(Value::as_bool) == Some(true)
     }
+
+    /// Whether Helm released it before (the next action is an upgrade).
+    pub fn installed(&self) -> bool {
+        self.status
+            .as_ref()
+            .and_then(|s| s.get("history"))
+            .and_then(Value::as_array)
+            .is_some_and(|h| !h.is_empty())
+    }
+
+    /// What helm-controller will do with the chart's `crds/` directory next:
+    /// `spec.upgrade.crds` (default Skip) once installed, else `spec.install.crds`
+    /// (default Create). CRDs in `templates/` are always applied.
+    pub fn crd_policy(&self) -> CrdPolicy {
+        let (field, default) = if self.installed() {
+            ("/upgrade/crds", CrdPolicy::Skip)
+        } else {
+            ("/install/crds", CrdPolicy::Create)
+        };
+        match self.spec.pointer(field).and_then(Value::as_str) {
+            Some("Skip") => CrdPolicy::Skip,
+            Some("Create") => CrdPolicy::Create,
+            Some("CreateReplace") => CrdPolicy::CreateReplace,
+            _ => default,
+        }
+    }
+}
+
+/// helm-controller's CRD policy for the chart's `crds/` directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrdPolicy {
+    /// `crds/` is not applied.
+    Skip,
+    /// Missing CRDs are created, existing ones left alone.
+    Create,
+    /// CRDs are created or replaced (the seed's refusal can happen).
+    CreateReplace,
 }
 
 /// Source kinds that carry a Helm chart artifact.
@@ -309,6 +363,53 @@ mod tests {
         assert!(h.suspended());
         assert_eq!(h.annotation("other"), None);
         assert_eq!(h.annotation("dr.openova.io/flux-guard-checked"), Some("1"));
+    }
+
+    #[test]
+    fn crd_policy_like_helm_controller() {
+        let cases = [
+            (json!({}), json!({}), CrdPolicy::Create),
+            (
+                json!({}),
+                json!({"history": [{"status": "deployed"}]}),
+                CrdPolicy::Skip,
+            ),
+            (
+                json!({"install": {"crds": "CreateReplace", "remediation": {}}}),
+                json!({}),
+                CrdPolicy::CreateReplace,
+            ),
+            (
+                json!({"install": {"crds": "CreateReplace"}}),
+                json!({"history": [{}]}),
+                CrdPolicy::Skip,
+            ),
+            (
+                json!({"upgrade": {"crds": "CreateReplace"}}),
+                json!({"history": [{"a": 1}, {}]}),
+                CrdPolicy::CreateReplace,
+            ),
+            (
+                json!({"upgrade": {"crds": "Create"}}),
+                json!({"history": [{}]}),
+                CrdPolicy::Create,
+            ),
+            (
+                json!({"install": {"crds": "Skip"}}),
+                json!({"history": []}),
+                CrdPolicy::Skip,
+            ),
+        ];
+        for (spec, status, want) in cases {
+            let h = hr(spec.clone(), status.clone());
+            assert_eq!(h.crd_policy(), want, "{spec} {status}");
+        }
+        let h = hr(
+            json!({"install": {"crds": "Skip", "remediation": {"retries": 3}}}),
+            json!({"history": [{"big": "x"}, {}]}),
+        );
+        assert_eq!(h.spec, json!({"install": {"crds": "Skip"}}));
+        assert_eq!(h.status, Some(json!({"history": [{}]})));
     }
 
     #[test]
