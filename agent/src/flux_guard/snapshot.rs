@@ -495,6 +495,10 @@ impl Keeper {
                 .filter(|o| o.get("kind").and_then(Value::as_str) == Some(kind))
             {
                 let (_, ns, name) = describe(o);
+                // Only the controllers configured now: one dropped from the list stays gone.
+                if *kind == "Deployment" && !self.cfg.controllers.contains(&name) {
+                    continue;
+                }
                 let api: Api<DynamicObject> = if *namespaced {
                     Api::namespaced_with(self.client.clone(), &ns, &res)
                 } else {
@@ -583,19 +587,11 @@ impl Keeper {
     async fn evaluate(&mut self, deployments: &BTreeMap<String, Value>) -> Result<(), Error> {
         let now = Instant::now();
         let wanted: Vec<&String> = self.cfg.controllers.iter().collect();
-        let mut missing: Vec<String> = wanted
+        let missing: Vec<String> = wanted
             .iter()
             .filter(|c| !deployments.contains_key(c.as_str()))
             .map(|c| c.to_string())
             .collect();
-        // Controllers in the snapshot beyond the configured ones are guarded too.
-        if let Some(s) = &self.snapshot {
-            for d in s.deployments() {
-                if !deployments.contains_key(&d) && !missing.contains(&d) {
-                    missing.push(d);
-                }
-            }
-        }
         self.gone_since.retain(|c, _| missing.contains(c));
         for m in &missing {
             self.gone_since.entry(m.clone()).or_insert(now);
