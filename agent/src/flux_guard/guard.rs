@@ -114,6 +114,8 @@ pub struct Ctx {
     /// `namespace/name` -> artifact key let through, so a reconcile from a cache
     /// that does not show the annotation yet does not download the chart again.
     passed: Mutex<std::collections::HashMap<String, String>>,
+    /// The served API of each source kind, once discovered.
+    served: Mutex<BTreeMap<SourceKind, ApiResource>>,
 }
 
 impl Ctx {
@@ -138,7 +140,45 @@ impl Ctx {
             blocked: Mutex::new(BTreeSet::new()),
             skew_key: Mutex::new(None),
             passed: Mutex::new(std::collections::HashMap::new()),
+            served: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The API to read a source kind with: the discovered one, else the newest.
+    pub fn source_api(&self, kind: SourceKind) -> ApiResource {
+        self.served
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&kind)
+            .cloned()
+            .unwrap_or_else(|| kind.api_resource())
+    }
+
+    /// Find the served version of each source kind (a kind not served is left out).
+    pub async fn discover_sources(&self) -> Vec<SourceKind> {
+        let mut found = Vec::new();
+        for kind in [SourceKind::HelmChart, SourceKind::OciRepository] {
+            for v in kind.versions() {
+                let ar = kind.api_resource_at(v);
+                let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+                match api.list_metadata(&ListParams::default().limit(1)).await {
+                    Err(kube::Error::Api(s)) if s.code == 404 => continue,
+                    // Served (or not readable: the watch reports that with its own errors).
+                    _ => {
+                        self.served
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(kind, ar);
+                        found.push(kind);
+                        break;
+                    }
+                }
+            }
+            if !found.contains(&kind) {
+                tracing::warn!(kind = ?kind, "flux guard: source kind not served, not watched (HelmRelease changes still trigger checks)");
+            }
+        }
+        found
     }
 
     fn set_blocked(&self, key: String, blocked: bool) {
@@ -160,9 +200,12 @@ fn crd_api(client: &Client) -> Api<DynamicObject> {
     Api::all_with(client.clone(), &ar)
 }
 
-async fn source_artifact(client: &Client, src: &SourceRef) -> Result<Option<Artifact>, Error> {
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &src.namespace, &src.kind.api_resource());
+async fn source_artifact(ctx: &Ctx, src: &SourceRef) -> Result<Option<Artifact>, Error> {
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        &src.namespace,
+        &ctx.source_api(src.kind),
+    );
     match api.get_opt(&src.name).await.map_err(Error::Source)? {
         None => Ok(None),
         Some(o) => Ok(serde_json::to_value(&o)
@@ -271,7 +314,7 @@ pub async fn process(ctx: &Ctx, hr: &GuardedHr) -> Result<Outcome, Error> {
             return Ok(Outcome::Skipped(skip.label()));
         }
     };
-    let Some(artifact) = source_artifact(&ctx.client, &src).await? else {
+    let Some(artifact) = source_artifact(ctx, &src).await? else {
         ctx.metrics
             .skipped
             .with_label_values(&["no_artifact"])
@@ -535,17 +578,11 @@ pub async fn run(ctx: Arc<Ctx>) {
     let ctl = Controller::new(api, watcher::Config::default());
     let store = ctl.store();
     let mut ctl = ctl;
-    for kind in [SourceKind::HelmChart, SourceKind::OciRepository] {
-        let ar = kind.api_resource();
+    // A kind this cluster does not serve would fail its watch forever, and the
+    // controller's shared trigger backoff would then delay every HelmRelease.
+    for kind in ctx.discover_sources().await {
+        let ar = ctx.source_api(kind);
         let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &ar);
-        // A kind this cluster does not serve would fail its watch forever, and the
-        // controller's shared trigger backoff would then delay every HelmRelease.
-        if let Err(kube::Error::Api(s)) = api.list_metadata(&ListParams::default().limit(1)).await {
-            if s.code == 404 {
-                tracing::warn!(kind = ?kind, "flux guard: source kind not served, not watched (HelmRelease changes still trigger checks)");
-                continue;
-            }
-        }
         let store = store.clone();
         ctl = ctl.watches_with(api, ar, watcher::Config::default(), move |src| {
             refs_for(&store, kind, &src)

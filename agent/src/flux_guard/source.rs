@@ -159,16 +159,30 @@ pub enum SourceKind {
 }
 
 impl SourceKind {
-    /// The served API of the kind (Flux 2.3+).
-    pub fn api_resource(self) -> ApiResource {
-        let (version, kind, plural) = match self {
-            Self::HelmChart => ("v1", "HelmChart", "helmcharts"),
-            Self::OciRepository => ("v1beta2", "OCIRepository", "ocirepositories"),
+    /// API versions to try, newest first (HelmChart v1 since Flux 2.3,
+    /// OCIRepository v1 since Flux 2.6).
+    pub fn versions(self) -> &'static [&'static str] {
+        match self {
+            Self::HelmChart => &["v1", "v1beta2"],
+            Self::OciRepository => &["v1", "v1beta2"],
+        }
+    }
+
+    /// The kind's API at `version`.
+    pub fn api_resource_at(self, version: &str) -> ApiResource {
+        let (kind, plural) = match self {
+            Self::HelmChart => ("HelmChart", "helmcharts"),
+            Self::OciRepository => ("OCIRepository", "ocirepositories"),
         };
         ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk("source.toolkit.fluxcd.io", version, kind),
             plural,
         )
+    }
+
+    /// The newest API of the kind (before the served one is discovered).
+    pub fn api_resource(self) -> ApiResource {
+        self.api_resource_at(self.versions()[0])
     }
 }
 
