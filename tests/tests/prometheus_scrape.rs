@@ -303,6 +303,7 @@ async fn prometheus_scrapes_agent_and_witness_and_promtool_accepts_their_metrics
         ("up", "witness", 1.0),
         ("continuum_agent_leader", "agent-run", 1.0),
         ("continuum_hr_recovery_guardrail_tripped", "agent-run", 0.0),
+        ("continuum_flux_guard_blocked", "agent-run", 0.0),
         (
             "continuum_failover_controller_leader",
             "agent-continuum",
