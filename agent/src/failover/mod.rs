@@ -30,8 +30,9 @@ use continuum_shared::pg::backend as pg;
 use continuum_shared::pg::rejoin::{self, Tools};
 use continuum_shared::pg::server::{self, LocalServer};
 use continuum_shared::quorum::{Grant, QuorumClient, QuorumConfig};
-use continuum_shared::transport::https::{HttpsTransport, TlsMaterial};
+use continuum_shared::transport::https::TlsMaterial;
 use continuum_shared::transport::LeaseTransport;
+use continuum_shared::transport::{witness_transport, WitnessProtocol};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
@@ -75,6 +76,11 @@ pub struct FailoverArgs {
         requires = "witness_link_config"
     )]
     pub witness_link_peers: Vec<String>,
+    /// Protocol to the `--witness` URLs (both on the witness's API port):
+    /// `stream` pipelines every call over one TLS connection per witness;
+    /// `https` sends one `POST /v1/lease` per call.
+    #[arg(long, env = "CONTINUUM_WITNESS_PROTOCOL", default_value = "stream")]
+    pub witness_protocol: WitnessProtocol,
     /// CA that signed the witnesses' server certificates.
     #[arg(long, env = "CONTINUUM_TLS_CA")]
     pub tls_ca: PathBuf,
@@ -318,10 +324,10 @@ async fn run_async(args: FailoverArgs) -> anyhow::Result<()> {
         let tls = TlsMaterial::from_files(&args.tls_ca, &args.tls_cert, &args.tls_key)
             .context("TLS material")?;
         for url in &args.witnesses {
-            witnesses.push(Arc::new(
-                HttpsTransport::new(url, &tls, call_timeout)
+            witnesses.push(
+                witness_transport(args.witness_protocol, url, &tls, call_timeout)
                     .with_context(|| format!("witness {url}"))?,
-            ));
+            );
         }
     }
     let registry = Registry::new();

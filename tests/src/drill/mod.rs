@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use continuum_shared::lease::{HolderId, LeaseName};
 use continuum_shared::quorum::{MajorityView, QuorumClient, QuorumConfig};
-use continuum_shared::transport::https::{HttpsTransport, TlsMaterial};
-use continuum_shared::transport::LeaseTransport;
+use continuum_shared::transport::https::TlsMaterial;
+use continuum_shared::transport::{witness_transport, LeaseTransport, WitnessProtocol};
 
 use crate::pg_proc::PgRegion;
 use crate::pki::Pki;
@@ -184,11 +184,12 @@ impl Cluster {
         let tls = TlsMaterial::from_files(&pki.ca_cert, &pki.client.cert, &pki.client.key)?;
         let mut transports: Vec<Arc<dyn LeaseTransport>> = Vec::new();
         for u in &witness_urls {
-            transports.push(Arc::new(HttpsTransport::new(
+            transports.push(witness_transport(
+                WitnessProtocol::Stream,
                 u,
                 &tls,
                 Duration::from_millis(500),
-            )?));
+            )?);
         }
         let quorum = QuorumClient::new(transports, QuorumConfig::default())?;
         let a = tokio::task::block_in_place(|| PgRegion::primary(REGIONS[0], REGIONS[1]))?;
