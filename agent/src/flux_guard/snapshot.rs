@@ -34,7 +34,7 @@ pub const MAX_SNAPSHOT_BYTES: usize = 1024 * 1024 - 16 * 1024;
 /// Label of the Flux CRDs (set by Flux's install manifests and chart).
 pub const FLUX_PART_OF: &str = "app.kubernetes.io/part-of=flux";
 /// Re-check period while something is missing or a restore failed.
-const RETRY: Duration = Duration::from_secs(2);
+const RETRY: Duration = Duration::from_secs(1);
 /// After a restore, keep re-applying late-deleted snapshot objects this long
 /// (a Helm rollback deletes objects one by one, in no particular order).
 const AFTER_RESTORE: Duration = Duration::from_secs(30);
@@ -63,6 +63,7 @@ const KINDS: &[(&str, &str, &str, &str, bool)] = &[
         "clusterrolebindings",
         false,
     ),
+    ("", "v1", "Service", "services", true),
     ("apps", "v1", "Deployment", "deployments", true),
 ];
 
@@ -113,8 +114,16 @@ impl Error {
 /// Remove what the API server sets, so the manifest can be applied anew.
 pub fn strip(obj: &Value) -> Value {
     let mut o = obj.clone();
+    let is_service = o.get("kind").and_then(Value::as_str) == Some("Service");
     if let Some(m) = o.as_object_mut() {
         m.remove("status");
+    }
+    if let Some(spec) = o.get_mut("spec").and_then(Value::as_object_mut) {
+        // Service addresses are the API server's to allocate again.
+        if is_service {
+            spec.remove("clusterIP");
+            spec.remove("clusterIPs");
+        }
     }
     if let Some(meta) = o.get_mut("metadata").and_then(Value::as_object_mut) {
         for f in [
@@ -436,6 +445,39 @@ impl Keeper {
             }
         }
         objects.extend(bindings);
+        // Services selecting controller pods (source-controller serves the artifacts).
+        let pod_labels: Vec<&serde_json::Map<String, Value>> = deployments
+            .iter()
+            .filter_map(|d| {
+                d.pointer("/spec/template/metadata/labels")
+                    .and_then(Value::as_object)
+            })
+            .collect();
+        let svcs: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            ns,
+            &ar("", "v1", "Service", "services"),
+        );
+        let list = svcs
+            .list(&ListParams::default())
+            .await
+            .map_err(|source| Error::Read {
+                what: "Flux Services",
+                source,
+            })?;
+        for svc in &list.items {
+            let v = to_value(svc);
+            let Some(sel) = v.pointer("/spec/selector").and_then(Value::as_object) else {
+                continue;
+            };
+            if !sel.is_empty()
+                && pod_labels
+                    .iter()
+                    .any(|l| sel.iter().all(|(k, val)| l.get(k) == Some(val)))
+            {
+                objects.push(strip(&v));
+            }
+        }
         for d in deployments {
             objects.push(strip(d));
         }
@@ -766,6 +808,12 @@ mod tests {
             "spec": {"replicas": 1}})
         );
         assert!(available(&d));
+        let svc = json!({"kind": "Service", "metadata": {"name": "source-controller"},
+            "spec": {"clusterIP": "10.43.0.9", "clusterIPs": ["10.43.0.9"], "ports": [{"port": 80}], "selector": {"app": "source-controller"}}});
+        assert_eq!(
+            strip(&svc)["spec"],
+            json!({"ports": [{"port": 80}], "selector": {"app": "source-controller"}})
+        );
         assert!(!available(&s));
         let snap = Snapshot { objects: vec![s] };
         let (gz, _) = snap.compress().unwrap();
