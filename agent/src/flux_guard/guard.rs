@@ -462,9 +462,10 @@ async fn check(
                 reasons = %reasons.iter().copied().collect::<Vec<_>>().join(","), violations = %text,
                 "flux guard: unsafe chart revision, HelmRelease suspended"
             );
-            let note = format!(
-                "suspended: chart revision {key} would break live CRDs: {text}. {SAFE_PROCEDURE}"
-            );
+            // The procedure always fits: the violations give way (the annotation has them all).
+            let head = format!("suspended: chart revision {key} would break live CRDs: ");
+            let room = NOTE_MAX.saturating_sub(head.len() + SAFE_PROCEDURE.len() + 2);
+            let note = format!("{head}{}. {SAFE_PROCEDURE}", truncate(text.clone(), room));
             publish(ctx, hr, true, "FluxGuardBlocked", note).await;
             Ok(Outcome::Blocked(violations))
         }
@@ -591,4 +592,18 @@ pub async fn run(ctx: Arc<Ctx>) {
     ctl.run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_keeps_char_boundaries() {
+        assert_eq!(truncate("abc".into(), 10), "abc");
+        assert_eq!(truncate("abcdefghij".into(), 6), "abc...");
+        let t = truncate("ééééé".into(), 6);
+        assert!(t.len() <= 6 && t.ends_with("..."), "{t}");
+        assert!(SAFE_PROCEDURE.len() < NOTE_MAX / 2);
+    }
 }
