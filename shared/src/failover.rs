@@ -268,6 +268,7 @@ fn offline(obs: &Observation<'_>) -> Action {
                 handover: Some(Handover {
                     to: h.to.clone(),
                     final_lsn: Some(off.checkpoint_lsn),
+                    promotion_token: None,
                 }),
             },
             Some(_) => Action::Release {
@@ -384,6 +385,7 @@ fn primary_holding(obs: &Observation<'_>, db: &DbState, held: Held) -> Action {
                     handover: Some(Handover {
                         to: to.clone(),
                         final_lsn: None,
+                        promotion_token: None,
                     }),
                 }
             } else {
@@ -444,24 +446,30 @@ fn standby_not_holding(obs: &Observation<'_>, db: &DbState) -> Action {
     if let Some(reason) = blocked_by_intent(obs, view) {
         return Action::Wait { reason };
     }
-    if let Some(final_lsn) = live_intent(view)
-        .filter(|h| &h.to == obs.region)
-        .and_then(|h| h.final_lsn)
-    {
+    let to_me = live_intent(view).filter(|h| &h.to == obs.region);
+    if let Some(h) = to_me.filter(|h| h.final_lsn.is_some() || h.promotion_token.is_some()) {
         // A planned handover to this region: the old primary has stopped
-        // cleanly at `final_lsn`. Mode does not matter: an operator asked.
+        // cleanly at `final_lsn` (direct back-end), or was demoted and
+        // handed over its demotion token (CNPG, which itself waits for
+        // replay up to the token before promoting). Mode does not matter:
+        // an operator asked.
         if !view.expired_at_majority {
             return Action::Wait {
                 reason: "handover: the old primary still holds the lease",
             };
         }
-        return match db.replay_lsn {
-            Some(r) if r > final_lsn => Action::Acquire {
-                reason: "planned handover: replayed past the old primary's final WAL record",
-            },
-            _ => Action::Wait {
+        let caught_up = match h.final_lsn {
+            Some(f) => db.replay_lsn.is_some_and(|r| r > f),
+            None => true,
+        };
+        return if caught_up {
+            Action::Acquire {
+                reason: "planned handover: the old primary handed over its final position",
+            }
+        } else {
+            Action::Wait {
                 reason: "handover: replaying up to the old primary's final WAL record",
-            },
+            }
         };
     }
     if !view.expired_at_majority {
@@ -571,6 +579,7 @@ mod tests {
         i.map(|(to, final_lsn)| Handover {
             to: h(to),
             final_lsn,
+            promotion_token: None,
         })
     }
 
@@ -1049,6 +1058,16 @@ mod tests {
                 held: None,
                 view: Some((true, 1, Some((1, Some("a"))))),
                 intent: Some(("b", Some(1))),
+                deadline: Some(5000),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "standby not named by a live intent with a token: wait",
+                primary: false,
+                held: None,
+                view: Some((true, 1, Some((1, Some("a"))))),
+                intent: Some(("b", None)),
                 deadline: Some(5000),
                 want: "wait",
                 ..BASE

@@ -207,7 +207,15 @@ pub struct Handover {
     /// old primary is still stopping.
     #[serde(default)]
     pub final_lsn: Option<u64>,
+    /// CloudNativePG: the demoted old primary's `status.demotionToken`, for
+    /// the successor's `spec.replica.promotionToken` (CNPG itself checks the
+    /// successor replayed up to it before promoting). Absent when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion_token: Option<String>,
 }
+
+/// Longest promotion token a witness stores (CNPG's are a few hundred bytes).
+pub const MAX_PROMOTION_TOKEN_LEN: usize = 4096;
 
 /// A lease request. The externally tagged JSON form is the wire format:
 /// `{"acquire": {"name": "...", "holder": "...", "epoch": 3, "ttl_ms": 5000}}`.
@@ -309,11 +317,29 @@ impl Request {
                 if u.epoch == Epoch(0) {
                     return Err(invalid("epoch", "must be at least 1"));
                 }
-                if u.meta.handover.as_ref().is_some_and(|h| h.to == u.holder) {
-                    return Err(invalid(
-                        "handover",
-                        "a holder cannot hand the lease over to itself",
-                    ));
+                if let Some(h) = &u.meta.handover {
+                    if h.to == u.holder {
+                        return Err(invalid(
+                            "handover",
+                            "a holder cannot hand the lease over to itself",
+                        ));
+                    }
+                    if let Some(t) = &h.promotion_token {
+                        let ok = t.len() <= MAX_PROMOTION_TOKEN_LEN
+                            && !t.is_empty()
+                            && t.chars().all(|c| {
+                                c.is_ascii_alphanumeric()
+                                    || matches!(c, '+' | '/' | '=' | '-' | '_')
+                            });
+                        if !ok {
+                            return Err(invalid(
+                                "promotion_token",
+                                format!(
+                                    "1..={MAX_PROMOTION_TOKEN_LEN} characters of base64 expected"
+                                ),
+                            ));
+                        }
+                    }
                 }
             }
         }
@@ -502,12 +528,24 @@ mod tests {
             u.meta.handover,
             Some(Handover {
                 to: HolderId::new("b").unwrap(),
-                final_lsn: Some(99)
+                final_lsn: Some(99),
+                promotion_token: None,
             })
         );
         let to_self = r#"{"update_meta":{"name":"db","holder":"a","epoch":2,"meta":{"seq":2,"handover":{"to":"a"}}}}"#;
         let err = Request::decode(to_self.as_bytes()).expect_err("to itself");
         assert!(err.to_string().contains("handover"), "{err}");
+        let token = r#"{"update_meta":{"name":"db","holder":"a","epoch":2,"meta":{"seq":3,"handover":{"to":"b","promotion_token":"eyJhIjoxfQ=="}}}}"#;
+        let Ok(Request::UpdateMeta(u)) = Request::decode(token.as_bytes()) else {
+            panic!("token must decode");
+        };
+        assert_eq!(
+            u.meta.handover.and_then(|h| h.promotion_token).as_deref(),
+            Some("eyJhIjoxfQ==")
+        );
+        let bad_token = r#"{"update_meta":{"name":"db","holder":"a","epoch":2,"meta":{"seq":3,"handover":{"to":"b","promotion_token":"a b"}}}}"#;
+        let err = Request::decode(bad_token.as_bytes()).expect_err("bad token");
+        assert!(err.to_string().contains("promotion_token"), "{err}");
         let bad = r#"{"update_meta":{"name":"db","holder":"a","epoch":2,"meta":{"seq":2,"handover":{"to":"B_1"}}}}"#;
         assert_eq!(
             Request::decode(bad.as_bytes()).unwrap_err().label(),

@@ -734,6 +734,7 @@ fn commit(
     for f in [
         "uid",
         "creationTimestamp",
+        "deletionTimestamp",
         "generation",
         "namespace",
         "resourceVersion",
@@ -765,6 +766,24 @@ fn commit(
     }
     let rv = st.next_rv();
     new["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+    // Finalizers: an object being deleted goes away once its last
+    // finalizer is removed.
+    let deleting = new.pointer("/metadata/deletionTimestamp").is_some();
+    let finalizers_left = new
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty());
+    if deleting && !finalizers_left {
+        st.objects.remove(&key);
+        let change = Change {
+            rv,
+            key,
+            kind: "DELETED",
+            obj: new.clone(),
+            prev: None,
+        };
+        return (200, new, Some(change));
+    }
     st.objects.insert(
         key.clone(),
         Stored {
@@ -1001,6 +1020,36 @@ fn patch_handler(
 fn delete(st: &mut State, res: &ResourceSpec, route: &Route) -> Outcome {
     let name = route.name.clone().unwrap_or_default();
     let key = key_of(res, route, &name);
+    // Finalizers: mark the object as being deleted and keep it until a
+    // controller removes the last one (see `commit`).
+    if let Some(stored) = st.objects.get(&key) {
+        let has_finalizers = stored
+            .obj
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|f| !f.is_empty());
+        if has_finalizers {
+            if stored.obj.pointer("/metadata/deletionTimestamp").is_some() {
+                return (200, stored.obj.clone(), None);
+            }
+            let prev = stored.obj.clone();
+            let mut obj = prev.clone();
+            let rv = st.next_rv();
+            obj["metadata"]["deletionTimestamp"] = Value::String(now_rfc3339());
+            obj["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+            if let Some(stored) = st.objects.get_mut(&key) {
+                stored.obj = obj.clone();
+            }
+            let change = Change {
+                rv,
+                key,
+                kind: "MODIFIED",
+                obj: obj.clone(),
+                prev: Some(prev),
+            };
+            return (200, obj, Some(change));
+        }
+    }
     let Some(old) = st.objects.remove(&key) else {
         return with_none(not_found(res, &name));
     };

@@ -443,6 +443,7 @@ async fn region_death_promotes_b_once_and_a_stays_fenced() {
     for want in [
         "dr.openova.io|continuums|list",
         "dr.openova.io|continuums|watch",
+        "dr.openova.io|continuums|patch",
         "dr.openova.io|continuums/status|patch",
         "postgresql.cnpg.io|clusters|get",
         "postgresql.cnpg.io|clusters|patch",
@@ -701,5 +702,176 @@ async fn failing_cluster_patches_are_retried_and_promote_once() {
         .collect();
     assert!(!promotes.is_empty());
     b.assert_no_forbidden();
+    b.kill_agent();
+}
+
+/// Planned switchover by CNPG tokens (`continuum-agent switchover --continuum`):
+/// the annotation on a's Continuum makes a record the intent, demote its
+/// Cluster, record CNPG's demotion token (the test plays CNPG) at the
+/// witnesses and release; b promotes with `promotionToken` at epoch 2 and
+/// nothing is fenced. Manual mode: an operator's switchover needs no
+/// automatic promotion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_by_annotation_hands_over_with_cnpg_tokens() {
+    let Setup {
+        mut a,
+        mut b,
+        _witnesses,
+    } = setup("manual").await;
+    let admin_a = a.api.admin_client().unwrap();
+    // A region that is not in the spec is refused.
+    assert!(
+        continuum_agent::continuum::switchover::request(&admin_a, NS, "app", "zz")
+            .await
+            .is_err()
+    );
+    continuum_agent::continuum::switchover::request(&admin_a, NS, "app", "b")
+        .await
+        .unwrap();
+    wait_for("a demoted", Duration::from_secs(10), || {
+        a.cluster()["spec"]["replica"]["primary"] == "pg-b"
+    })
+    .await;
+    // Without CNPG's token, b does not move.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(b.cluster()["spec"]["replica"]["primary"], "pg-a");
+    assert!(!fenced(&a.cluster()), "a switchover fences nothing");
+    // CNPG demoted a cleanly and publishes the token.
+    let token = "eyJsYXRlc3RDaGVja3BvaW50IjoiMC8zMDAwMDI4In0=";
+    cnpg::cluster_api(admin_a.clone(), NS)
+        .patch_status(
+            "pg-a",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": {"demotionToken": token}})),
+        )
+        .await
+        .unwrap();
+    wait_for("b promoted with the token", Duration::from_secs(10), || {
+        let c = b.cluster();
+        c["spec"]["replica"]["primary"] == "pg-b" && c["spec"]["replica"]["promotionToken"] == token
+    })
+    .await;
+    let c = b.cluster();
+    assert_eq!(annotation(&c, cnpg::ANNOTATION_EPOCH).as_deref(), Some("2"));
+    assert_ne!(
+        annotation(&c, cnpg::ANNOTATION_PEER_ATTACHED).as_deref(),
+        Some("false"),
+        "the old primary stays attached as a replica"
+    );
+    wait_for("b reports the switchover", Duration::from_secs(10), || {
+        let s = b.status();
+        s["phase"] == "Primary"
+            && s["epoch"] == 2
+            && s["lastSwitchover"]["fromRegion"] == "a"
+            && s["lastSwitchover"]["toRegion"] == "b"
+            && s["lastSwitchover"]["epoch"] == 2
+            && s["lastSwitchover"]["durationMs"].is_u64()
+    })
+    .await;
+    let done = continuum_agent::continuum::switchover::wait_done(
+        &admin_a,
+        NS,
+        "app",
+        "b",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert!(done.requested_at.is_some() && done.demoted_at.is_some() && done.released_at.is_some());
+    assert_eq!(done.epoch, Some(1));
+    let s = a.status();
+    assert_eq!(s["phase"], "Standby");
+    assert!(
+        a.api.object(GROUP, "continuums", NS, "app").unwrap()["metadata"]["annotations"]
+            [cnpg::ANNOTATION_SWITCHOVER_TO]
+            .is_null(),
+        "the request annotation is removed"
+    );
+    assert!(!fenced(&a.cluster()) && !fenced(&b.cluster()));
+    for (r, action) in [
+        (&a, "demote"),
+        (&a, "record_token"),
+        (&a, "release"),
+        (&b, "promote"),
+    ] {
+        assert_eq!(
+            r.metric(
+                "continuum_cnpg_failover_actions_total",
+                &[("action", action), ("result", "ok")]
+            ),
+            1,
+            "{} {action}",
+            r.name
+        );
+    }
+    let events = a.api.objects("events.k8s.io", "events");
+    assert!(
+        events.iter().any(|e| e["reason"] == "Demoting"),
+        "a Demoting Event on a: {events:?}"
+    );
+    a.assert_no_forbidden();
+    b.assert_no_forbidden();
+    a.kill_agent();
+    b.kill_agent();
+}
+
+/// The finalizer: deleting a's Continuum releases the lease at the
+/// witnesses (after recording "no synchronous standby", so b does not
+/// promote), fences and unfences nothing, and lets the object go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_continuum_releases_the_lease_and_fences_nothing() {
+    use continuum_agent::continuum::controller::FINALIZER;
+    use continuum_shared::lease::{LeaseName, Read, Request, Response};
+    let Setup {
+        mut a,
+        mut b,
+        _witnesses,
+    } = setup("automatic").await;
+    for r in [&a, &b] {
+        wait_for("finalizer added", Duration::from_secs(10), || {
+            r.api.object(GROUP, "continuums", NS, "app").unwrap()["metadata"]["finalizers"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == FINALIZER))
+        })
+        .await;
+    }
+    let before = a.cluster();
+    let cts: Api<DynamicObject> =
+        Api::namespaced_with(a.api.admin_client().unwrap(), NS, &continuum_ar());
+    cts.delete("app", &Default::default()).await.unwrap();
+    wait_for("a's Continuum gone", Duration::from_secs(10), || {
+        a.api.object(GROUP, "continuums", NS, "app").is_none()
+    })
+    .await;
+    // Released at the witnesses, "no synchronous standby" recorded first.
+    let client = _witnesses[0].client().unwrap();
+    let (_, resp) = client
+        .send(&Request::Read(Read {
+            name: LeaseName::new("continuum/db/app").unwrap(),
+        }))
+        .await
+        .unwrap();
+    let Response::State(view) = resp else {
+        panic!("read answers a state: {resp:?}")
+    };
+    assert_eq!(view.holder, None, "released");
+    assert_eq!(
+        view.meta.as_ref().and_then(|m| m.sync_standby.clone()),
+        None
+    );
+    // Nothing fenced or unfenced, the topology untouched; b does not promote.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = a.cluster();
+    assert!(!fenced(&after));
+    assert_eq!(after["spec"], before["spec"]);
+    assert_eq!(b.cluster()["spec"]["replica"]["primary"], "pg-a");
+    let events = a.api.objects("events.k8s.io", "events");
+    assert!(
+        events.iter().any(|e| e["reason"] == "Finalized"),
+        "a Finalized Event: {events:?}"
+    );
+    a.assert_no_forbidden();
+    b.assert_no_forbidden();
+    a.kill_agent();
     b.kill_agent();
 }

@@ -606,6 +606,7 @@ mod tests {
                     handover: Some(Handover {
                         to: h("us-1"),
                         final_lsn,
+                        promotion_token: None,
                     }),
                 },
             })

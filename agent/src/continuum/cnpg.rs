@@ -57,6 +57,9 @@ pub const ANNOTATION_FENCED: &str = "cnpg.io/fencedInstances";
 pub const ANNOTATION_EPOCH: &str = "dr.openova.io/epoch";
 pub const ANNOTATION_PEER_ATTACHED: &str = "dr.openova.io/peer-attached";
 pub const ANNOTATION_PROMOTED_AT: &str = "dr.openova.io/promoted-at";
+/// On a Continuum (the old primary's copy): ask for a planned switchover to
+/// the named region (`continuum-agent switchover --continuum`).
+pub const ANNOTATION_SWITCHOVER_TO: &str = "dr.openova.io/switchover-to";
 /// Field manager recorded on every patch (audit: who changed the Cluster).
 pub const FIELD_MANAGER: &str = "continuum-agent";
 
@@ -259,6 +262,76 @@ pub fn promote_patch(obj: &DynamicObject, epoch: Epoch, now: &str) -> Value {
         }},
         "spec": {"replica": replica},
     })
+}
+
+/// Whether the Cluster is part of CNPG's distributed topology
+/// (`spec.replica.primary`), which switchover by tokens needs.
+pub fn is_distributed(obj: &DynamicObject) -> bool {
+    str_at(&obj.data, &["spec", "replica", "primary"]).is_some()
+}
+
+/// `status.demotionToken`, published by CNPG once a demoted primary has
+/// shut down cleanly.
+pub fn demotion_token(obj: &DynamicObject) -> Option<String> {
+    str_at(&obj.data, &["status", "demotionToken"])
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+}
+
+/// Merge patch: demote this Cluster to a replica of the peer's (the first
+/// half of CNPG's switchover; CNPG then publishes `status.demotionToken`).
+pub fn demote_patch(names: &Names) -> Value {
+    json!({"spec": {"replica": {"primary": names.peer_cluster}}})
+}
+
+/// Merge patch: promote with the old primary's demotion token (the second
+/// half of CNPG's switchover: CNPG waits for replay up to the token's
+/// position, then promotes; the old primary stays attached as a replica).
+pub fn promote_with_token_patch(
+    obj: &DynamicObject,
+    epoch: Epoch,
+    token: &str,
+    now: &str,
+) -> Value {
+    json!({
+        "metadata": {"annotations": {
+            ANNOTATION_EPOCH: epoch.0.to_string(),
+            ANNOTATION_PROMOTED_AT: now,
+            ANNOTATION_PEER_ATTACHED: null,
+        }},
+        "spec": {"replica": {"primary": self_name(obj), "promotionToken": token}},
+    })
+}
+
+/// The old primary's next switchover step while it holds the lease with a
+/// handover intent recorded (pure).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandoverStep {
+    /// Set `spec.replica.primary` to the peer's Cluster.
+    Demote,
+    /// Record CNPG's demotion token in the intent at the witnesses.
+    RecordToken(String),
+    /// The token is recorded: release the lease to the successor.
+    Release,
+    Wait(&'static str),
+}
+
+pub fn handover_step(token_recorded: bool, obj: &DynamicObject) -> HandoverStep {
+    if token_recorded {
+        return HandoverStep::Release;
+    }
+    if !is_distributed(obj) {
+        return HandoverStep::Wait(
+            "handover: the Cluster is not in CNPG's distributed topology (spec.replica.primary)",
+        );
+    }
+    if is_primary(obj) {
+        return HandoverStep::Demote;
+    }
+    match demotion_token(obj) {
+        Some(t) => HandoverStep::RecordToken(t),
+        None => HandoverStep::Wait("handover: waiting for CNPG's demotion token"),
+    }
 }
 
 /// Merge patch: record the epoch.
@@ -564,6 +637,48 @@ mod tests {
         let legacy = cluster(json!({"spec": {"replica": {"enabled": true, "source": "pg-a"}}}));
         let p = promote_patch(&legacy, Epoch(3), "t");
         assert_eq!(p["spec"]["replica"], json!({"enabled": false}));
+    }
+
+    #[test]
+    fn switchover_steps_and_patches() {
+        let primary = cluster(
+            json!({"spec": {"replica": {"self": "pg-b", "primary": "pg-b", "source": "pg-a"}}}),
+        );
+        assert_eq!(handover_step(false, &primary), HandoverStep::Demote);
+        let mut demoted = primary.clone();
+        merge(&mut demoted.data, &demote_patch(&names()));
+        assert!(!is_primary(&demoted));
+        assert!(matches!(
+            handover_step(false, &demoted),
+            HandoverStep::Wait(_)
+        ));
+        merge(
+            &mut demoted.data,
+            &json!({"status": {"demotionToken": "dG9rZW4="}}),
+        );
+        assert_eq!(
+            handover_step(false, &demoted),
+            HandoverStep::RecordToken("dG9rZW4=".into())
+        );
+        assert_eq!(handover_step(true, &demoted), HandoverStep::Release);
+        let legacy = cluster(json!({"spec": {}}));
+        assert!(matches!(
+            handover_step(false, &legacy),
+            HandoverStep::Wait(_)
+        ));
+
+        let replica = cluster(
+            json!({"metadata": {"annotations": {ANNOTATION_PEER_ATTACHED: "false"}}, "spec": {"replica": {"self": "pg-b", "primary": "pg-a"}}}),
+        );
+        let p = promote_with_token_patch(&replica, Epoch(4), "dG9rZW4=", "t");
+        let mut promoted = replica.clone();
+        merge(&mut promoted.data, &p);
+        assert!(is_primary(&promoted));
+        assert_eq!(
+            promoted.data["spec"]["replica"]["promotionToken"],
+            "dG9rZW4="
+        );
+        assert_eq!(p["metadata"]["annotations"][ANNOTATION_EPOCH], "4");
     }
 
     #[test]

@@ -27,8 +27,9 @@ use std::time::Duration;
 use continuum_shared::failover::{self, Action, DbState, Held, Mode, Observation, SyncPolicy};
 use continuum_shared::lease::{HolderId, LeaseMeta, LeaseName};
 use continuum_shared::quorum::{Grant, MajorityView, QuorumClient, QuorumConfig};
-use continuum_shared::transport::https::{HttpsTransport, TlsMaterial};
+use continuum_shared::transport::https::TlsMaterial;
 use continuum_shared::transport::LeaseTransport;
+use continuum_shared::transport::{witness_transport, WitnessProtocol};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
@@ -45,7 +46,8 @@ use tokio::time::Instant;
 
 use super::cnpg::{self, ClusterHandle, Names};
 use super::crd::{
-    Condition, Continuum, ContinuumStatus, FailoverMode, LastFailover, SpecError, SyncPolicySpec,
+    Condition, Continuum, ContinuumStatus, FailoverMode, LastFailover, LastSwitchover, SpecError,
+    SyncPolicySpec,
 };
 
 /// Controller settings that are not per resource.
@@ -75,6 +77,8 @@ pub enum Error {
     Quorum(String),
     #[error("status update: {0}")]
     Status(kube::Error),
+    #[error("finalizer update: {0}")]
+    Finalizer(kube::Error),
 }
 
 impl Error {
@@ -84,6 +88,7 @@ impl Error {
             Self::Tls(..) => "tls_secret",
             Self::Quorum(_) => "quorum_config",
             Self::Status(_) => "status_update",
+            Self::Finalizer(_) => "finalizer_update",
         }
     }
 }
@@ -179,6 +184,12 @@ struct Runner {
     /// When this region took the lease as a standby (failover start).
     acquired_at: Option<(Timestamp, Instant)>,
     last_failover: Option<LastFailover>,
+    last_switchover: Option<LastSwitchover>,
+    /// When this region's part of a switchover started (for its duration).
+    switchover_t0: Option<Instant>,
+    /// Successor: the demotion token of the handover it took the lease
+    /// through (the intent is void in the view once it holds the new epoch).
+    promotion_token: Option<String>,
     last_reason: String,
 }
 
@@ -298,9 +309,9 @@ fn quorum_client(
     let call_timeout = (ttl / 6).max(Duration::from_millis(100));
     let mut witnesses: Vec<Arc<dyn LeaseTransport>> = Vec::new();
     for url in &cr.spec.witnesses.urls {
-        let t = HttpsTransport::new(url, tls, call_timeout)
+        let t = witness_transport(WitnessProtocol::default(), url, tls, call_timeout)
             .map_err(|e| Error::Quorum(format!("witness {url}: {e}")))?;
-        witnesses.push(Arc::new(t));
+        witnesses.push(t);
     }
     let qcfg = QuorumConfig {
         max_drift: ctx.cfg.max_drift,
@@ -395,6 +406,9 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
         meta_seq: 0,
         acquired_at: None,
         last_failover: None,
+        last_switchover: None,
+        switchover_t0: None,
+        promotion_token: None,
         last_reason: String::new(),
     }));
     ctx.runners.lock().await.insert(key, runner.clone());
@@ -492,7 +506,92 @@ impl Runner {
         }
     }
 
-    fn decide(&self, seen: &Seen, mode: FailoverMode, policy: SyncPolicySpec) -> Action {
+    /// The old primary's switchover step while it holds the lease with a
+    /// handover intent it recorded in this epoch; `None` otherwise (then
+    /// [`Runner::decide`] decides).
+    fn handover_step(&self, seen: &Seen) -> Option<cnpg::HandoverStep> {
+        let intent = self.recorded.as_ref()?.handover.as_ref()?;
+        let now = std::time::Instant::now();
+        seen.held.filter(|h| now < h.deadline)?;
+        let Some(obj) = seen.cluster.as_ref() else {
+            return Some(cnpg::HandoverStep::Wait("handover: Cluster not readable"));
+        };
+        Some(cnpg::handover_step(intent.promotion_token.is_some(), obj))
+    }
+
+    /// Applies one switchover step; `Ok` carries a detail for the Event.
+    async fn apply_handover(
+        &mut self,
+        step: &cnpg::HandoverStep,
+    ) -> Result<String, (&'static str, String)> {
+        let cnpg_err = |e: cnpg::CnpgError| (e.label(), e.to_string());
+        match step {
+            cnpg::HandoverStep::Wait(reason) => Ok((*reason).to_string()),
+            cnpg::HandoverStep::Demote => {
+                self.cluster
+                    .patch(&cnpg::demote_patch(&self.names))
+                    .await
+                    .map_err(cnpg_err)?;
+                Ok(format!(
+                    "switchover: demoting, spec.replica.primary={}",
+                    self.names.peer_cluster
+                ))
+            }
+            cnpg::HandoverStep::RecordToken(token) => {
+                let grant = self.grant.borrow().clone();
+                let (Some(grant), Some(rec)) = (grant, self.recorded.clone()) else {
+                    return Err(("not_holding", "no grant to record the token under".into()));
+                };
+                let mut meta = rec;
+                self.meta_seq += 1;
+                meta.seq = self.meta_seq;
+                if let Some(h) = meta.handover.as_mut() {
+                    h.promotion_token = Some(token.clone());
+                }
+                self.quorum
+                    .update_meta(&grant, &meta)
+                    .await
+                    .map_err(|e| (e.label(), e.to_string()))?;
+                self.recorded = Some(meta);
+                if let Some(ls) = self.last_switchover.as_mut() {
+                    ls.demoted_at = Some(rfc3339(Timestamp::now()));
+                }
+                Ok("switchover: CNPG's demotion token recorded at the witnesses".into())
+            }
+            cnpg::HandoverStep::Release => {
+                let grant = self.grant.borrow().clone();
+                let Some(grant) = grant else {
+                    return Err(("not_holding", "no grant to release".into()));
+                };
+                // Stop renewing (and the fence guard) first.
+                self.grant.send_replace(None);
+                if let Some(r) = self.renewer.take() {
+                    r.abort();
+                }
+                let released = self.quorum.release(&grant).await;
+                self.recorded = None;
+                if let Some(ls) = self.last_switchover.as_mut() {
+                    ls.released_at = Some(rfc3339(Timestamp::now()));
+                    ls.duration_ms = self
+                        .switchover_t0
+                        .take()
+                        .map(|t| t.elapsed().as_millis() as u64);
+                }
+                Ok(format!(
+                    "switchover: epoch {} released at {released} witness(es) to the successor",
+                    grant.epoch
+                ))
+            }
+        }
+    }
+
+    fn decide_with(
+        &self,
+        seen: &Seen,
+        mode: FailoverMode,
+        policy: SyncPolicySpec,
+        request: Option<&HolderId>,
+    ) -> Action {
         failover::decide(&Observation {
             now: std::time::Instant::now(),
             region: &self.names.region,
@@ -512,7 +611,7 @@ impl Runner {
             // CNPG runs the database: no offline control file, no
             // direct-PostgreSQL handover or rebuild from this controller.
             offline: None,
-            handover_request: None,
+            handover_request: request,
             handover_deadline: None,
             rejoin: false,
         })
@@ -541,6 +640,13 @@ impl Runner {
                 self.recorded = None;
                 if seen.db.as_ref().is_some_and(|d| !d.primary) {
                     self.acquired_at = Some((Timestamp::now(), Instant::now()));
+                    // Taken through a planned handover: promote with its token.
+                    self.promotion_token = seen
+                        .view
+                        .as_ref()
+                        .and_then(failover::live_intent)
+                        .filter(|h| h.to == self.names.region)
+                        .and_then(|h| h.promotion_token.clone());
                 }
                 self.grant.send_replace(Some(g.clone()));
                 if let Some(old) = self.renewer.take() {
@@ -558,6 +664,33 @@ impl Runner {
                     return Err(("cluster_not_found", "no Cluster observed".into()));
                 };
                 let now = Timestamp::now();
+                if let Some(token) = self.promotion_token.take() {
+                    // Planned switchover: promote with the old primary's
+                    // demotion token; it stays attached as a replica.
+                    self.cluster
+                        .patch(&cnpg::promote_with_token_patch(
+                            obj,
+                            *epoch,
+                            &token,
+                            &rfc3339(now),
+                        ))
+                        .await
+                        .map_err(cnpg_err)?;
+                    let (started, t0) = self.acquired_at.take().unwrap_or((now, Instant::now()));
+                    self.last_switchover = Some(LastSwitchover {
+                        from_region: Some(self.names.peer.as_str().to_string()),
+                        to_region: Some(self.names.region.as_str().to_string()),
+                        started_at: Some(rfc3339(started)),
+                        completed_at: Some(rfc3339(Timestamp::now())),
+                        duration_ms: Some(t0.elapsed().as_millis() as u64),
+                        epoch: Some(epoch.0),
+                        ..LastSwitchover::default()
+                    });
+                    return Ok(format!(
+                        "switchover: promoted with the demotion token at epoch {epoch}; spec.replica.primary={}",
+                        self.names.local_cluster
+                    ));
+                }
                 self.cluster
                     .patch(&cnpg::promote_patch(obj, *epoch, &rfc3339(now)))
                     .await
@@ -615,6 +748,40 @@ impl Runner {
                     action.label()
                 ),
             )),
+            Action::UpdateMeta {
+                sync_standby,
+                handover,
+            } if handover.is_some() => {
+                let grant = self.grant.borrow().clone();
+                let Some(grant) = grant else {
+                    return Err(("not_holding", "no grant to update metadata under".into()));
+                };
+                self.meta_seq += 1;
+                let meta = LeaseMeta {
+                    sync_standby: sync_standby.clone(),
+                    confirmed_lsn: None,
+                    seq: self.meta_seq,
+                    handover: handover.clone(),
+                };
+                self.quorum
+                    .update_meta(&grant, &meta)
+                    .await
+                    .map_err(|e| (e.label(), e.to_string()))?;
+                self.recorded = Some(meta);
+                let to = handover.as_ref().map(|h| h.to.as_str().to_string());
+                self.switchover_t0 = Some(Instant::now());
+                self.last_switchover = Some(LastSwitchover {
+                    from_region: Some(self.names.region.as_str().to_string()),
+                    to_region: to.clone(),
+                    requested_at: Some(rfc3339(Timestamp::now())),
+                    epoch: Some(grant.epoch.0),
+                    ..LastSwitchover::default()
+                });
+                Ok(format!(
+                    "switchover: the witnesses record a handover to {to:?} at epoch {}",
+                    grant.epoch
+                ))
+            }
             Action::UpdateMeta {
                 sync_standby,
                 handover,
@@ -687,6 +854,7 @@ fn status_for(
     region: &HolderId,
     seen: &Seen,
     last_failover: Option<LastFailover>,
+    last_switchover: Option<LastSwitchover>,
     decision: (&str, &str),
 ) -> ContinuumStatus {
     let old = cr.status.clone().unwrap_or_default();
@@ -721,6 +889,7 @@ fn status_for(
         observed_by: Some(region.as_str().to_string()),
         observed_generation: g,
         last_failover: last_failover.or(old.last_failover.clone()),
+        last_switchover: last_switchover.or(old.last_switchover.clone()),
         conditions: vec![
             condition(
                 &old.conditions,
@@ -765,6 +934,12 @@ const MAX_STEPS: usize = 8;
 /// observe -> decide -> apply (repeated while there is something to do),
 /// then report status.
 pub async fn reconcile_once(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
+    if cr.metadata.deletion_timestamp.is_some() {
+        return finalize(cr, ctx).await;
+    }
+    if !cr.finalizers().iter().any(|f| f == FINALIZER) {
+        add_finalizer(cr, ctx).await?;
+    }
     let runner = runner_for(ctx, cr).await?;
     let mut r = runner.lock().await;
     let oref = cr.object_ref(&());
@@ -791,7 +966,52 @@ pub async fn reconcile_once(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
             break;
         }
         steps += 1;
-        let action = r.decide(&seen, cr.spec.mode, cr.spec.sync_policy);
+        if let Some(step) = r.handover_step(&seen) {
+            let (label, reason) = match &step {
+                cnpg::HandoverStep::Wait(reason) => {
+                    decision = ("wait".into(), reason.to_string());
+                    break;
+                }
+                cnpg::HandoverStep::Demote => ("demote", "Demoting"),
+                cnpg::HandoverStep::RecordToken(_) => ("record_token", "DemotionTokenRecorded"),
+                cnpg::HandoverStep::Release => ("release", "LeaseReleased"),
+            };
+            match r.apply_handover(&step).await {
+                Ok(detail) => {
+                    ctx.metrics.actions.with_label_values(&[label, "ok"]).inc();
+                    tracing::info!(continuum = %key, action = label, detail = %detail, "switchover step applied");
+                    publish(ctx, &oref, false, reason, detail).await;
+                    if step == cnpg::HandoverStep::Release {
+                        clear_switchover_request(cr, ctx).await;
+                    }
+                }
+                Err((err_label, e)) => {
+                    ctx.metrics
+                        .actions
+                        .with_label_values(&[label, "failed"])
+                        .inc();
+                    ctx.metrics
+                        .action_errors
+                        .with_label_values(&[label, err_label])
+                        .inc();
+                    tracing::warn!(continuum = %key, action = label, error = %e, "switchover step failed; will decide again");
+                    publish(
+                        ctx,
+                        &oref,
+                        true,
+                        "ActionFailed",
+                        format!("{label} failed ({err_label}): {e}"),
+                    )
+                    .await;
+                    decision = (format!("{label}_failed"), e);
+                    break;
+                }
+            }
+            seen = r.observe().await;
+            continue;
+        }
+        let request = switchover_request(cr, &r.names, seen.cluster.as_ref());
+        let action = r.decide_with(&seen, cr.spec.mode, cr.spec.sync_policy, request.as_ref());
         let label = action.label();
         if let Action::Wait { reason } = &action {
             if r.last_reason != *reason {
@@ -862,6 +1082,7 @@ pub async fn reconcile_once(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
         &ctx.cfg.region,
         &seen,
         r.last_failover.clone(),
+        r.last_switchover.clone(),
         (&decision.0, &decision.1),
     );
     drop(r);
@@ -881,11 +1102,129 @@ pub async fn reconcile_once(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
     Ok(())
 }
 
+/// Finalizer on every Continuum: on deletion the region holding the lease
+/// gives it up at the witnesses (after recording "no synchronous standby",
+/// so the other region, still managed by its own copy, cannot promote by
+/// itself while this database keeps running unmanaged). Nothing is fenced
+/// or unfenced.
+pub const FINALIZER: &str = "dr.openova.io/lease-release";
+
+fn continuum_api(ctx: &Ctx, cr: &Continuum) -> Api<Continuum> {
+    Api::namespaced(
+        ctx.client.clone(),
+        &cr.namespace().unwrap_or_else(|| "default".into()),
+    )
+}
+
+/// Merge patch of the finalizer list, guarded by the resourceVersion read.
+async fn set_finalizers(ctx: &Ctx, cr: &Continuum, list: Vec<String>) -> Result<(), Error> {
+    let body = json!({"metadata": {
+        "finalizers": list,
+        "resourceVersion": cr.resource_version(),
+    }});
+    continuum_api(ctx, cr)
+        .patch(
+            &cr.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&body),
+        )
+        .await
+        .map(|_| ())
+        .map_err(Error::Finalizer)
+}
+
+async fn add_finalizer(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
+    let mut list = cr.finalizers().to_vec();
+    list.push(FINALIZER.to_string());
+    set_finalizers(ctx, cr, list).await?;
+    tracing::info!(continuum = %cr.name_any(), finalizer = FINALIZER, reason = "release the lease if the Continuum is deleted", "finalizer added");
+    Ok(())
+}
+
+/// Deletion: release the lease (if this region holds it), stop managing,
+/// remove the finalizer.
+async fn finalize(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
+    if !cr.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(());
+    }
+    let key = format!(
+        "{}/{}",
+        cr.namespace().unwrap_or_else(|| "default".into()),
+        cr.name_any()
+    );
+    let oref = cr.object_ref(&());
+    let runner = ctx.runners.lock().await.get(&key).cloned();
+    let mut detail = "this region did not hold the lease".to_string();
+    if let Some(runner) = runner {
+        let mut r = runner.lock().await;
+        let grant = r.grant.borrow().clone();
+        if let Some(g) = grant.filter(|g| g.is_held_at(Instant::now())) {
+            r.meta_seq += 1;
+            let meta = LeaseMeta {
+                sync_standby: None,
+                confirmed_lsn: None,
+                seq: r.meta_seq,
+                handover: None,
+            };
+            r.quorum.update_meta(&g, &meta).await.map_err(|e| {
+                Error::Quorum(format!("record no synchronous standby before release: {e}"))
+            })?;
+            r.grant.send_replace(None);
+            if let Some(t) = r.renewer.take() {
+                t.abort();
+            }
+            let released = r.quorum.release(&g).await;
+            detail = format!(
+                "epoch {} released at {released} witness(es) (no synchronous standby recorded first; nothing fenced or unfenced)",
+                g.epoch
+            );
+        }
+        drop(r);
+        ctx.runners.lock().await.remove(&key);
+    }
+    tracing::info!(continuum = %key, action = "finalize", detail = %detail, reason = "Continuum deleted", "lease released, finalizer removed");
+    publish(ctx, &oref, false, "Finalized", detail).await;
+    let list: Vec<String> = cr
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    set_finalizers(ctx, cr, list).await
+}
+
+/// The region named by the switchover annotation, when it is the peer and
+/// the Cluster is in CNPG's distributed topology.
+fn switchover_request(
+    cr: &Continuum,
+    names: &Names,
+    cluster: Option<&DynamicObject>,
+) -> Option<HolderId> {
+    let to = cr.annotations().get(cnpg::ANNOTATION_SWITCHOVER_TO)?;
+    let to = HolderId::new(to.as_str()).ok()?;
+    (to == names.peer && cluster.is_some_and(cnpg::is_distributed)).then_some(to)
+}
+
+/// The old primary's part is done: remove the request annotation.
+async fn clear_switchover_request(cr: &Continuum, ctx: &Ctx) {
+    let body = json!({"metadata": {"annotations": {cnpg::ANNOTATION_SWITCHOVER_TO: null}}});
+    if let Err(e) = continuum_api(ctx, cr)
+        .patch(
+            &cr.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&body),
+        )
+        .await
+    {
+        tracing::warn!(continuum = %cr.name_any(), error = %e, "could not remove the switchover annotation");
+    }
+}
+
 async fn reconcile(cr: Arc<Continuum>, ctx: Arc<Ctx>) -> Result<Requeue, Error> {
     match reconcile_once(&cr, &ctx).await {
         Ok(()) => Ok(Requeue::requeue(ctx.cfg.tick)),
         Err(e) => {
-            if !matches!(e, Error::Status(_)) {
+            if !matches!(e, Error::Status(_) | Error::Finalizer(_)) {
                 report_blocked(&cr, &ctx, &e).await;
             }
             Err(e)

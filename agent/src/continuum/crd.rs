@@ -154,6 +154,10 @@ pub struct ContinuumStatus {
     /// The last promotion performed by this region's agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failover: Option<LastFailover>,
+    /// The last planned switchover this region took part in (as the
+    /// demoted old primary or as the promoted successor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_switchover: Option<LastSwitchover>,
     /// Standard conditions: LeaseHeld, Fenced, Decision.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -179,6 +183,39 @@ pub struct LastFailover {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_region: Option<String>,
     /// Epoch the promotion ran under (also on the Cluster's annotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+}
+
+/// Timings of a planned switchover (annotation `dr.openova.io/switchover-to`
+/// on the old primary's Continuum; see docs/switchover.md).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastSwitchover {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_region: Option<String>,
+    /// Old primary: when it recorded the handover intent at the witnesses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at: Option<String>,
+    /// Old primary: when CNPG published its `status.demotionToken`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demoted_at: Option<String>,
+    /// Old primary: when it released the lease to the successor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released_at: Option<String>,
+    /// Successor: when it took the lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// Successor: when its promotion with the token was accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    /// Milliseconds of this region's part (intent to release, or lease to
+    /// promotion).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Epoch this region held (old primary) or took (successor).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
 }
@@ -354,5 +391,6 @@ mod tests {
         assert!(y.contains("group: dr.openova.io"));
         assert!(y.contains("status: {}"), "status subresource");
         assert!(y.contains("lastFailover"));
+        assert!(y.contains("lastSwitchover"));
     }
 }

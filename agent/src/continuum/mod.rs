@@ -6,6 +6,7 @@
 pub mod cnpg;
 pub mod controller;
 pub mod crd;
+pub mod switchover;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

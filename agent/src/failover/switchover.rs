@@ -20,15 +20,28 @@ pub struct SwitchoverArgs {
     /// Region that should become primary.
     #[arg(long, env = "CONTINUUM_SWITCHOVER_TO")]
     pub to: String,
-    /// Admin endpoint base URL (`http://host:port`, the agents'
-    /// `--admin-listen`) of each region's agent; repeat or comma-separate.
+    /// Direct PostgreSQL: admin endpoint base URL (`http://host:port`, the
+    /// agents' `--admin-listen`) of each region's agent; repeat or
+    /// comma-separate.
     #[arg(
         long = "agent",
         env = "CONTINUUM_AGENTS",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "continuum",
+        conflicts_with = "continuum"
     )]
     pub agents: Vec<String>,
+    /// CloudNativePG: name of the Continuum resource. Run against the OLD
+    /// primary's Kubernetes cluster (kubeconfig, in-cluster config, or
+    /// --kube-url): its copy gets the `dr.openova.io/switchover-to`
+    /// annotation its controller acts on.
+    #[arg(long, env = "CONTINUUM_NAME")]
+    pub continuum: Option<String>,
+    /// Namespace of the Continuum resource.
+    #[arg(long, env = "CONTINUUM_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    #[command(flatten)]
+    pub kube: crate::cli::KubeArgs,
     /// Give up after this many seconds (the handover itself goes on or is
     /// abandoned by the agents; run the command again to see where it is).
     #[arg(long, env = "CONTINUUM_SWITCHOVER_TIMEOUT_S", default_value_t = 60)]
@@ -104,6 +117,30 @@ pub fn run(args: SwitchoverArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: SwitchoverArgs) -> anyhow::Result<()> {
+    if let Some(name) = &args.continuum {
+        let started = Instant::now();
+        let client = args.kube.client().await.context("Kubernetes client")?;
+        crate::continuum::switchover::request(&client, &args.namespace, name, &args.to).await?;
+        let ls = crate::continuum::switchover::wait_done(
+            &client,
+            &args.namespace,
+            name,
+            &args.to,
+            Duration::from_secs(args.timeout_s.max(1)),
+        )
+        .await?;
+        println!(
+            "{}",
+            serde_json::json!({
+                "switchover": "done",
+                "continuum": format!("{}/{name}", args.namespace),
+                "to": args.to,
+                "elapsed_ms": started.elapsed().as_millis() as u64,
+                "last_switchover": ls,
+            })
+        );
+        return Ok(());
+    }
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.timeout_s.max(1));
     let first = statuses(&args.agents).await;
