@@ -661,7 +661,9 @@ impl Keeper {
         let settling = self
             .last_restore
             .is_some_and(|t| now.duration_since(t) < AFTER_RESTORE);
-        if healthy && settling {
+        // Restored controllers take a while to become available: late deletions
+        // of the other objects are re-applied meanwhile too.
+        if settling && missing.is_empty() {
             if let Some(snap) = self.snapshot.clone() {
                 self.restore(&snap).await?;
             }
