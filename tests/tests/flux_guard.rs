@@ -1058,8 +1058,10 @@ async fn flux_controllers_are_restored_from_the_snapshot() {
         .as_str()
         .is_some_and(|b| !b.is_empty()));
     wait_metric(&g.reg, "continuum_flux_guard_flux_healthy", &[], 1.0).await;
-    let snap_bytes = metric(&g.reg, "continuum_flux_guard_snapshot_bytes", &[]);
-    assert!(snap_bytes > 0.0);
+    wait_for("snapshot size metric", || {
+        metric(&g.reg, "continuum_flux_guard_snapshot_bytes", &[]) > 0.0
+    })
+    .await;
 
     // The rollback: every controller, a ServiceAccount and a binding deleted.
     let admin = s.admin_client().unwrap();
