@@ -1286,6 +1286,20 @@ async fn agent_runs_the_guard_while_leading() {
             .filter(|r| r.code == 403)
             .collect::<Vec<_>>()
     );
+    // A blocked HelmRelease deleted by the operator leaves the blocked gauge.
+    wait_metric(&agent.registry, "continuum_flux_guard_blocked", &[], 1.0).await;
+    api(
+        s.admin_client().unwrap(),
+        "helm.toolkit.fluxcd.io",
+        "v2",
+        "HelmRelease",
+        "helmreleases",
+        Some(FLUX_NS),
+    )
+    .delete("bp-flux", &DeleteParams::default())
+    .await
+    .unwrap();
+    wait_metric(&agent.registry, "continuum_flux_guard_blocked", &[], 0.0).await;
 }
 
 /// A source kind the cluster does not serve (OCIRepository on an older Flux) is not

@@ -35,6 +35,8 @@ use super::{
 
 /// How often a blocked HelmRelease is re-checked.
 pub const BLOCKED_RECHECK: Duration = Duration::from_secs(60);
+/// How often deleted HelmReleases are dropped from the blocked gauge.
+const BLOCKED_PRUNE: Duration = Duration::from_secs(2);
 /// events.k8s.io/v1 `note` limit.
 const NOTE_MAX: usize = 1024;
 
@@ -179,6 +181,13 @@ impl Ctx {
             }
         }
         found
+    }
+
+    /// Forget blocked HelmReleases that no longer exist.
+    fn prune_blocked(&self, existing: &BTreeSet<String>) {
+        let mut b = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        b.retain(|k| existing.contains(k));
+        self.metrics.blocked.set(b.len() as i64);
     }
 
     fn set_blocked(&self, key: String, blocked: bool) {
@@ -589,9 +598,30 @@ pub async fn run(ctx: Arc<Ctx>) {
             refs_for(&store, kind, &src)
         });
     }
-    ctl.run(reconcile, error_policy, ctx)
-        .for_each(|_| async {})
-        .await;
+    // Deleted HelmReleases are never reconciled: drop them from the blocked gauge.
+    let prune = {
+        let (ctx, store) = (ctx.clone(), store.clone());
+        async move {
+            if store.wait_until_ready().await.is_err() {
+                return std::future::pending().await;
+            }
+            let mut tick = tokio::time::interval(BLOCKED_PRUNE);
+            loop {
+                tick.tick().await;
+                let live: BTreeSet<String> = store
+                    .state()
+                    .iter()
+                    .map(|h| format!("{}/{}", h.namespace(), h.name()))
+                    .collect();
+                ctx.prune_blocked(&live);
+            }
+        }
+    };
+    let controller = ctl.run(reconcile, error_policy, ctx).for_each(|_| async {});
+    tokio::select! {
+        _ = controller => {}
+        _ = prune => {}
+    }
 }
 
 #[cfg(test)]
