@@ -146,6 +146,9 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
             &health,
         ])
         .args(["--lease-duration", "15s", "--identity", "bench-agent"])
+        // The recovery controller alone: the bench cluster has no Flux and
+        // grants only the hr-recovery role (the guard would meet 403s).
+        .arg("--flux-guard-disabled")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
