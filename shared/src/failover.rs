@@ -1218,6 +1218,38 @@ mod tests {
             }
         }
 
+        /// A database stopped for a handover restarts as a primary (fenced)
+        /// only once its own intent is still the newest record, the lease is
+        /// free and its deadline passed; it follows the peer only once a
+        /// newer epoch exists or the peer holds the lease.
+        #[test]
+        fn a_stopped_old_primary_restarts_only_safely(
+            clean: bool, expired: bool, max in 1u64..4, meta_epoch in 1u64..4,
+            intent_to_peer: bool, deadline in proptest::option::of(-5000i64..5000),
+            peer_holds: bool, holding: bool,
+        ) {
+            let meta_epoch = meta_epoch.min(max);
+            let c = Case {
+                name: "prop", running: false, offline: Some((clean, 100)),
+                held: holding.then_some((max, 1000)),
+                view: Some((expired, max, Some((meta_epoch, Some("b"))))),
+                view_holder: (peer_holds && !expired).then_some("b"),
+                intent: intent_to_peer.then_some(("b", Some(100))),
+                deadline, want: "", ..BASE
+            };
+            match run(&c).label() {
+                "start_fenced" => proptest::prop_assert!(
+                    clean && !holding && intent_to_peer && expired && meta_epoch == max
+                        && deadline.is_some_and(|d| d <= 0)
+                ),
+                "follow_peer" => proptest::prop_assert!(
+                    clean && !holding && ((intent_to_peer && meta_epoch < max) || (peer_holds && !expired))
+                ),
+                "acquire" | "promote" | "unfence" => proptest::prop_assert!(false, "acted as primary while stopped"),
+                _ => {}
+            }
+        }
+
         /// Invariant 3: a primary never drops its required standby while the
         /// witnesses may still name it.
         #[test]
