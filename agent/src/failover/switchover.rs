@@ -229,3 +229,75 @@ async fn run_async(args: SwitchoverArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SwitchoverArgs,
+    }
+
+    #[test]
+    fn direct_or_cnpg_mode_is_required_and_exclusive() {
+        let ok =
+            Cli::try_parse_from(["x", "--to", "b", "--agent", "http://a:1,http://b:2"]).unwrap();
+        assert_eq!(ok.args.agents.len(), 2);
+        assert!(ok.args.continuum.is_none());
+        let cnpg =
+            Cli::try_parse_from(["x", "--to", "b", "--continuum", "app", "--namespace", "db"])
+                .unwrap();
+        assert_eq!(cnpg.args.continuum.as_deref(), Some("app"));
+        assert_eq!(cnpg.args.namespace, "db");
+        for bad in [
+            vec!["x", "--to", "b"],
+            vec!["x", "--agent", "http://a:1"],
+            vec![
+                "x",
+                "--to",
+                "b",
+                "--agent",
+                "http://a:1",
+                "--continuum",
+                "app",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// The command's HTTP exchange against the real admin endpoint.
+    #[tokio::test]
+    async fn talks_to_the_admin_endpoint() {
+        use continuum_shared::lease::HolderId;
+        let admin = std::sync::Arc::new(std::sync::Mutex::new(super::super::admin::AdminShared {
+            region: HolderId::new("a").unwrap(),
+            peer: HolderId::new("b").unwrap(),
+            request: None,
+            status: serde_json::json!({"region": "a", "role": "primary", "holding": true, "epoch": 3}),
+        }));
+        let (addr, task) =
+            super::super::admin::serve("127.0.0.1:0".parse().unwrap(), admin.clone())
+                .await
+                .unwrap();
+        let url = format!("http://{addr}");
+        let (code, st) = http("GET", &url, "/failover/status").await.unwrap();
+        assert_eq!(code, 200);
+        assert!(is_primary(&st));
+        let (code, body) = http("POST", &url, "/failover/handover?to=b").await.unwrap();
+        assert_eq!(code, 202, "{body}");
+        assert!(admin.lock().unwrap().request.is_some());
+        let (code, _) = http("POST", &url, "/failover/handover?to=zz")
+            .await
+            .unwrap();
+        assert_eq!(code, 400);
+        assert!(
+            http("GET", "https://x:1", "/").await.is_err(),
+            "only http:// URLs"
+        );
+        task.abort();
+    }
+}
