@@ -446,6 +446,20 @@ fn standby_not_holding(obs: &Observation<'_>, db: &DbState) -> Action {
     if let Some(reason) = blocked_by_intent(obs, view) {
         return Action::Wait { reason };
     }
+    if live_intent(view).is_some_and(|h| &h.to == obs.peer) {
+        // Only the holder writes an intent, so one naming the peer is this
+        // region's own: it handed over (CNPG: demoted, still holding all its
+        // WAL) and the successor never took the lease by the deadline.
+        return if view.expired_at_majority {
+            Action::Acquire {
+                reason: "handover abandoned: the successor never took the lease; take it back",
+            }
+        } else {
+            Action::Wait {
+                reason: "handover abandoned, but the lease is held",
+            }
+        };
+    }
     let to_me = live_intent(view).filter(|h| &h.to == obs.region);
     if let Some(h) = to_me.filter(|h| h.final_lsn.is_some() || h.promotion_token.is_some()) {
         // A planned handover to this region: the old primary has stopped
@@ -1067,6 +1081,26 @@ mod tests {
                 primary: false,
                 held: None,
                 view: Some((true, 1, Some((1, Some("a"))))),
+                intent: Some(("b", None)),
+                deadline: Some(5000),
+                want: "wait",
+                ..BASE
+            },
+            Case {
+                name: "demoted old primary (CNPG), its intent abandoned, lease free: take it back",
+                primary: false,
+                held: None,
+                view: Some((true, 1, Some((1, Some("b"))))),
+                intent: Some(("b", None)),
+                deadline: Some(-1),
+                want: "acquire",
+                ..BASE
+            },
+            Case {
+                name: "demoted old primary (CNPG), its intent before the deadline: wait",
+                primary: false,
+                held: None,
+                view: Some((true, 1, Some((1, Some("b"))))),
                 intent: Some(("b", None)),
                 deadline: Some(5000),
                 want: "wait",

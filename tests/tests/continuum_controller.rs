@@ -875,3 +875,49 @@ async fn deleting_the_continuum_releases_the_lease_and_fences_nothing() {
     a.kill_agent();
     b.kill_agent();
 }
+
+/// A switchover whose successor never takes the lease (its agent is gone):
+/// the demoted old primary takes the lease back after its handover timeout
+/// and promotes its own Cluster again; the successor's Cluster never moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_switchover_is_taken_back_by_the_old_primary() {
+    let Setup {
+        mut a,
+        mut b,
+        _witnesses,
+    } = setup("automatic").await;
+    b.kill_agent();
+    let admin_a = a.api.admin_client().unwrap();
+    continuum_agent::continuum::switchover::request(&admin_a, NS, "app", "b")
+        .await
+        .unwrap();
+    wait_for("a demoted", Duration::from_secs(10), || {
+        a.cluster()["spec"]["replica"]["primary"] == "pg-b"
+    })
+    .await;
+    cnpg::cluster_api(admin_a.clone(), NS)
+        .patch_status(
+            "pg-a",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": {"demotionToken": "dG9rZW4="}})),
+        )
+        .await
+        .unwrap();
+    wait_for("a released the lease", Duration::from_secs(10), || {
+        a.status()["lastSwitchover"]["releasedAt"].is_string()
+    })
+    .await;
+    wait_for(
+        "a takes the lease back and promotes itself",
+        Duration::from_secs(30),
+        || {
+            let c = a.cluster();
+            c["spec"]["replica"]["primary"] == "pg-a"
+                && annotation(&c, cnpg::ANNOTATION_EPOCH).as_deref() == Some("2")
+        },
+    )
+    .await;
+    assert_eq!(b.cluster()["spec"]["replica"]["primary"], "pg-a");
+    a.assert_no_forbidden();
+    a.kill_agent();
+}

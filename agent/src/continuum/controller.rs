@@ -190,6 +190,11 @@ struct Runner {
     /// Successor: the demotion token of the handover it took the lease
     /// through (the intent is void in the view once it holds the new epoch).
     promotion_token: Option<String>,
+    /// Old primary: when it released the lease to its successor; past this
+    /// plus [`HANDOVER_TIMEOUT_TTLS`] x TTL (at least 10 s) it takes the
+    /// lease back if nobody took it (in memory: a restarted agent waits for
+    /// an operator instead).
+    released_for_handover: Option<std::time::Instant>,
     last_reason: String,
 }
 
@@ -409,6 +414,7 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
         last_switchover: None,
         switchover_t0: None,
         promotion_token: None,
+        released_for_handover: None,
         last_reason: String::new(),
     }));
     ctx.runners.lock().await.insert(key, runner.clone());
@@ -570,6 +576,7 @@ impl Runner {
                 }
                 let released = self.quorum.release(&grant).await;
                 self.recorded = None;
+                self.released_for_handover = Some(std::time::Instant::now());
                 if let Some(ls) = self.last_switchover.as_mut() {
                     ls.released_at = Some(rfc3339(Timestamp::now()));
                     ls.duration_ms = self
@@ -612,7 +619,9 @@ impl Runner {
             // direct-PostgreSQL handover or rebuild from this controller.
             offline: None,
             handover_request: request,
-            handover_deadline: None,
+            handover_deadline: self
+                .released_for_handover
+                .map(|t| t + (self.ttl * HANDOVER_TIMEOUT_TTLS).max(Duration::from_secs(10))),
             rejoin: false,
         })
     }
@@ -638,6 +647,7 @@ impl Runner {
                     .map_err(|e| (e.label(), e.to_string()))?;
                 let epoch = g.epoch;
                 self.recorded = None;
+                self.released_for_handover = None;
                 if seen.db.as_ref().is_some_and(|d| !d.primary) {
                     self.acquired_at = Some((Timestamp::now(), Instant::now()));
                     // Taken through a planned handover: promote with its token.
@@ -1101,6 +1111,10 @@ pub async fn reconcile_once(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// How many TTLs a demoted old primary waits for its successor to take the
+/// lease before taking it back.
+pub const HANDOVER_TIMEOUT_TTLS: u32 = 6;
 
 /// Finalizer on every Continuum: on deletion the region holding the lease
 /// gives it up at the witnesses (after recording "no synchronous standby",
