@@ -6,8 +6,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::Api;
 use kube::Client;
 use prometheus::{IntGauge, Registry};
 use tokio::sync::{mpsc, watch};
@@ -92,16 +90,15 @@ impl Agent {
         )
         .await?;
 
-        let (leading_tx, leading_rx) = watch::channel(false);
-        let (lease_tx, mut lease_rx) = watch::channel::<Option<Lease>>(None);
-        let leases: Api<Lease> = Api::namespaced(client.clone(), &opts.lease_namespace);
-        let lcfg = LeaderConfig::new(
-            &opts.lease_namespace,
-            &opts.lease_name,
-            &opts.identity,
-            opts.lease_duration,
+        let (leading_rx, mut lease_rx, leader_task) = leader::elect(
+            &client,
+            LeaderConfig::new(
+                &opts.lease_namespace,
+                &opts.lease_name,
+                &opts.identity,
+                opts.lease_duration,
+            ),
         );
-        let leader_task = tokio::spawn(leader::run(leases, lcfg, leading_tx, lease_tx));
 
         let ctx = Arc::new(Ctx::new(
             client,
@@ -138,16 +135,12 @@ impl Agent {
             }
         });
 
-        // Run the controller only while leading.
-        let mut leading = leading_rx.clone();
-        let supervisor = tokio::spawn(async move {
-            loop {
-                while !*leading.borrow_and_update() {
-                    if leading.changed().await.is_err() {
-                        return;
-                    }
-                }
-                leader_gauge.set(1);
+        // Run the controllers only while leading.
+        let supervisor = leader::supervise(
+            leading_rx.clone(),
+            leader_gauge,
+            "hr-recovery controller",
+            move || {
                 let rx = trigger_rx.clone();
                 let reconcile_all = futures::stream::unfold(rx, |rx| async move {
                     let got = rx.lock().await.recv().await;
@@ -163,17 +156,13 @@ impl Agent {
                         fg_identity.clone(),
                     )
                 });
-                while *leading.borrow_and_update() {
-                    if leading.changed().await.is_err() {
-                        break;
-                    }
-                }
+                (ctl, guard_tasks)
+            },
+            |(ctl, guard_tasks)| async move {
                 ctl.abort();
                 drop(guard_tasks);
-                leader_gauge.set(0);
-                tracing::info!("lost leadership: controller stopped");
-            }
-        });
+            },
+        );
         Ok(Self {
             health_addr,
             leading: leading_rx,

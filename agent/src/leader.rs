@@ -15,7 +15,10 @@ use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
+use kube::Client;
+use prometheus::IntGauge;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 #[derive(Debug, Clone)]
 pub struct LeaderConfig {
@@ -203,6 +206,62 @@ async fn attempt(
         Err(kube::Error::Api(s)) if s.code == 409 => Ok((false, None)),
         Err(e) => Err(e),
     }
+}
+
+/// Leader election as a task: the flag is `true` while this instance leads;
+/// the second receiver carries the latest Lease seen (its annotations are
+/// how operators talk to the leader, e.g. the guardrail acknowledgement).
+pub fn elect(
+    client: &Client,
+    cfg: LeaderConfig,
+) -> (
+    watch::Receiver<bool>,
+    watch::Receiver<Option<Lease>>,
+    JoinHandle<()>,
+) {
+    let (leading_tx, leading_rx) = watch::channel(false);
+    let (lease_tx, lease_rx) = watch::channel::<Option<Lease>>(None);
+    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    let task = tokio::spawn(run(api, cfg, leading_tx, lease_tx));
+    (leading_rx, lease_rx, task)
+}
+
+/// Runs a component only while this instance leads: `start` when leadership
+/// is won, `stop` (awaited) when it is lost, so two replicas never act at
+/// once for longer than the election allows. `gauge` is 1 while leading.
+pub fn supervise<R, Start, Stop, StopFut>(
+    mut leading: watch::Receiver<bool>,
+    gauge: IntGauge,
+    component: &'static str,
+    mut start: Start,
+    mut stop: Stop,
+) -> JoinHandle<()>
+where
+    R: Send + 'static,
+    Start: FnMut() -> R + Send + 'static,
+    Stop: FnMut(R) -> StopFut + Send + 'static,
+    StopFut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        loop {
+            while !*leading.borrow_and_update() {
+                if leading.changed().await.is_err() {
+                    return;
+                }
+            }
+            gauge.set(1);
+            tracing::info!(component, reason = "won leadership", "component started");
+            let running = start();
+            while *leading.borrow_and_update() {
+                if leading.changed().await.is_err() {
+                    break;
+                }
+            }
+            stop(running).await;
+            gauge.set(0);
+            tracing::info!(component, reason = "lost leadership", "component stopped");
+        }
+    })
 }
 
 #[cfg(test)]

@@ -14,8 +14,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use continuum_shared::lease::HolderId;
-use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::Api;
 use kube::Client;
 use prometheus::{IntGauge, Registry};
 use tokio::sync::watch;
@@ -111,40 +109,32 @@ impl ContinuumAgent {
             HealthState::without_guardrail(registry.clone()),
         )
         .await?;
-        let (leading_tx, leading_rx) = watch::channel(false);
-        let (lease_tx, _lease_rx) = watch::channel::<Option<Lease>>(None);
-        let leases: Api<Lease> = Api::namespaced(client.clone(), &opts.lease_namespace);
-        let lcfg = LeaderConfig::new(
-            &opts.lease_namespace,
-            &opts.lease_name,
-            &opts.identity,
-            opts.lease_duration,
+        let (leading_rx, _lease_rx, leader_task) = leader::elect(
+            &client,
+            LeaderConfig::new(
+                &opts.lease_namespace,
+                &opts.lease_name,
+                &opts.identity,
+                opts.lease_duration,
+            ),
         );
-        let leader_task = tokio::spawn(leader::run(leases, lcfg, leading_tx, lease_tx));
         let ctx = Arc::new(Ctx::new(client, opts.controller.clone(), metrics));
-        let mut leading = leading_rx.clone();
-        let supervisor = tokio::spawn(async move {
-            loop {
-                while !*leading.borrow_and_update() {
-                    if leading.changed().await.is_err() {
-                        return;
-                    }
+        let stop_ctx = ctx.clone();
+        let supervisor = leader::supervise(
+            leading_rx.clone(),
+            leader_gauge,
+            "Continuum controller",
+            move || tokio::spawn(controller::run(ctx.clone())),
+            move |ctl| {
+                let ctx = stop_ctx.clone();
+                async move {
+                    ctl.abort();
+                    // Stop renewing: the next leader must not find this
+                    // instance still holding leases it no longer watches.
+                    ctx.stop_all().await;
                 }
-                leader_gauge.set(1);
-                let ctl = tokio::spawn(controller::run(ctx.clone()));
-                while *leading.borrow_and_update() {
-                    if leading.changed().await.is_err() {
-                        break;
-                    }
-                }
-                ctl.abort();
-                // Stop renewing: the next leader must not find this
-                // instance still holding leases it no longer watches.
-                ctx.stop_all().await;
-                leader_gauge.set(0);
-                tracing::info!("lost leadership: Continuum controller stopped");
-            }
-        });
+            },
+        );
         Ok(Self {
             health_addr,
             leading: leading_rx,
