@@ -4,10 +4,7 @@
 //! The HelmRelease is decoded slim ([`GuardedHr`]): only what the guard reads,
 //! so the controller's cache of every HelmRelease stays small.
 
-use std::borrow::Cow;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::NamespaceResourceScope;
 use kube::core::{ApiResource, GroupVersionKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -71,29 +68,7 @@ fn de_status<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D:
     Ok(v)
 }
 
-impl kube::Resource for GuardedHr {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "HelmRelease".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        "helm.toolkit.fluxcd.io".into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v2".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "helmreleases".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+crate::hr_recovery::model::helmrelease_resource!(GuardedHr);
 
 impl GuardedHr {
     pub fn namespace(&self) -> &str {

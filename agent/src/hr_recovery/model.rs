@@ -4,12 +4,10 @@
 //! decoding of the whole watch stream; [`validate`] turns them into a [`HrView`]
 //! or a [`SkipReason`] (logged and counted, never a panic).
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::NamespaceResourceScope;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -51,29 +49,41 @@ fn de_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
     Ok(v)
 }
 
-impl kube::Resource for HelmRelease {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
+/// `kube::Resource` for a slim HelmRelease type (`helm.toolkit.fluxcd.io/v2`,
+/// namespaced, with a `metadata: ObjectMeta` field). Each controller keeps
+/// its own slim type with only the fields it reads, to keep its cache small.
+macro_rules! helmrelease_resource {
+    ($t:ty) => {
+        impl kube::Resource for $t {
+            type DynamicType = ();
+            type Scope = k8s_openapi::NamespaceResourceScope;
 
-    fn kind(_: &()) -> Cow<'_, str> {
-        "HelmRelease".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        "helm.toolkit.fluxcd.io".into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v2".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "helmreleases".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
+            fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+                "HelmRelease".into()
+            }
+            fn group(_: &()) -> std::borrow::Cow<'_, str> {
+                "helm.toolkit.fluxcd.io".into()
+            }
+            fn version(_: &()) -> std::borrow::Cow<'_, str> {
+                "v2".into()
+            }
+            fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+                "helmreleases".into()
+            }
+            fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(
+                &mut self,
+            ) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
 }
+pub(crate) use helmrelease_resource;
+
+helmrelease_resource!(HelmRelease);
 
 /// A condition's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
