@@ -81,8 +81,10 @@ pub fn allows(
         let res_ok = r.resources.iter().any(|x| x == "*" || *x == full);
         let name_ok = r.resource_names.is_empty()
             || match name {
-                // Real RBAC cannot restrict create/list/watch by name without a field selector.
-                Some(n) if verb != "create" && verb != "list" && verb != "watch" => {
+                // Real RBAC cannot restrict list/watch by name without a
+                // field selector; a POST create carries no name (`None`),
+                // while a server-side apply that creates does.
+                Some(n) if verb != "list" && verb != "watch" => {
                     r.resource_names.iter().any(|x| x == n)
                 }
                 _ => false,

@@ -187,6 +187,37 @@ fn valid_name(n: &str) -> bool {
         && n.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
+/// The 403 a real API server answers when RBAC denies `verb` on the route.
+fn forbidden(user: &str, verb: &str, route: &Route) -> (u16, Value) {
+    let qualified = if route.group.is_empty() {
+        route.plural.clone()
+    } else {
+        format!("{}.{}", route.plural, route.group)
+    };
+    let full_res = match &route.sub {
+        Some(s) => format!("{}/{}", route.plural, s),
+        None => route.plural.clone(),
+    };
+    let target = match &route.name {
+        Some(n) => format!("{qualified} \"{n}\""),
+        None => qualified,
+    };
+    let scope = match &route.namespace {
+        Some(ns) => format!(" in the namespace \"{ns}\""),
+        None => " at the cluster scope".to_string(),
+    };
+    let msg = format!(
+        "{target} is forbidden: User \"{user}\" cannot {verb} resource \"{full_res}\" in API group \"{}\"{scope}",
+        route.group
+    );
+    status(
+        403,
+        "Forbidden",
+        msg,
+        json!({"name": route.name.clone().unwrap_or_default(), "group": route.group, "kind": route.plural}),
+    )
+}
+
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let latency = shared.lock().latency;
     if !latency.is_zero() {
@@ -241,7 +272,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         .trim()
         .to_string();
 
-    let record = |st: &mut State, code: u16| {
+    let record_as = |st: &mut State, verb: &str, code: u16| {
         if !admin {
             st.requests.push(RequestRecord {
                 verb: verb.to_string(),
@@ -254,6 +285,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             });
         }
     };
+    let record = |st: &mut State, code: u16| record_as(st, verb, code);
 
     // RBAC, injected faults, resource lookup.
     let res = {
@@ -268,41 +300,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                     route.sub.as_deref(),
                     route.name.as_deref(),
                 ) {
-                    let full_res = match &route.sub {
-                        Some(s) => format!("{}/{}", route.plural, s),
-                        None => route.plural.clone(),
-                    };
-                    let target = match &route.name {
-                        Some(n) => format!(
-                            "{} \"{n}\"",
-                            if route.group.is_empty() {
-                                route.plural.clone()
-                            } else {
-                                format!("{}.{}", route.plural, route.group)
-                            }
-                        ),
-                        None => {
-                            if route.group.is_empty() {
-                                route.plural.clone()
-                            } else {
-                                format!("{}.{}", route.plural, route.group)
-                            }
-                        }
-                    };
-                    let scope = match &route.namespace {
-                        Some(ns) => format!(" in the namespace \"{ns}\""),
-                        None => " at the cluster scope".to_string(),
-                    };
-                    let msg = format!(
-                        "{target} is forbidden: User \"{user}\" cannot {verb} resource \"{full_res}\" in API group \"{}\"{scope}",
-                        route.group
-                    );
-                    let (c, v) = status(
-                        403,
-                        "Forbidden",
-                        msg,
-                        json!({"name": route.name.clone().unwrap_or_default(), "group": route.group, "kind": route.plural}),
-                    );
+                    let (c, v) = forbidden(&user, verb, &route);
                     record(&mut st, c);
                     return full(c, &v);
                 }
@@ -365,6 +363,34 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         Err(_) => Bytes::new(),
     };
     let mut st = shared.lock();
+    // A server-side apply that creates the object is also authorized as
+    // `create` of that name (kube-apiserver's patch handler does so), and
+    // recorded as one.
+    let apply_creates = verb == "patch"
+        && content_type == "application/apply-patch+yaml"
+        && route.sub.is_none()
+        && !admin
+        && route
+            .name
+            .as_deref()
+            .is_some_and(|n| !st.objects.contains_key(&key_of(&res, &route, n)));
+    if apply_creates {
+        let denied = st.rules.as_ref().is_some_and(|rules| {
+            !crate::rbac::allows(
+                rules,
+                "create",
+                &route.group,
+                &route.plural,
+                None,
+                route.name.as_deref(),
+            )
+        });
+        if denied {
+            let (c, v) = forbidden(&user, "create", &route);
+            record_as(&mut st, "create", c);
+            return full(c, &v);
+        }
+    }
     let (code, value, change) = match verb {
         "get" => with_none(get(&st, &res, &route)),
         "list" => with_none(list(&st, &res, &route, &q)),
@@ -382,6 +408,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     if let Some(c) = change {
         st.push_change(c.clone());
         let _ = shared.changes_tx.send(c);
+    }
+    if apply_creates {
+        record_as(&mut st, "create", code);
     }
     record(&mut st, code);
     drop(st);

@@ -634,3 +634,89 @@ async fn rbac_from_cluster_role_and_faults() {
         "latency delays, never fails"
     );
 }
+
+/// kube-apiserver authorizes a server-side apply that creates its object as
+/// `create` of that name (besides `patch`); one that updates needs `patch` only.
+#[tokio::test]
+async fn apply_that_creates_needs_create_by_name() {
+    let role = |verbs: &str| {
+        rbac::rules_from_yaml(&format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: r}}\nrules:\n- apiGroups: [\"\"]\n  resources: [configmaps]\n  resourceNames: [mine]\n  verbs: [{verbs}]\n"
+        ))
+        .unwrap()
+    };
+    let apply = |name: &str| {
+        let mut c = cm(name, &[]);
+        c.data = Some(BTreeMap::from([("k".to_string(), "v".to_string())]));
+        c
+    };
+    let pp = PatchParams::apply("test").force();
+
+    // patch alone: the apply that would create is refused, nothing is created.
+    let s = TestApi::start_with(Options {
+        rules: Some(role("get, patch")),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(s.client().unwrap(), "ns");
+    let (c, reason) = code(
+        cms.patch("mine", &pp, &Patch::Apply(&apply("mine")))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((c, reason.as_str()), (403, "Forbidden"));
+    assert!(s.object("", "configmaps", "ns", "mine").is_none());
+    assert!(s
+        .requests()
+        .iter()
+        .any(|r| r.verb == "create" && r.name.as_deref() == Some("mine") && r.code == 403));
+    // Once it exists (made by an admin), patch is enough to apply again.
+    let admin: Api<ConfigMap> = Api::namespaced(s.admin_client().unwrap(), "ns");
+    admin
+        .create(&PostParams::default(), &cm("mine", &[]))
+        .await
+        .unwrap();
+    assert!(cms
+        .patch("mine", &pp, &Patch::Apply(&apply("mine")))
+        .await
+        .is_ok());
+
+    // create by name: the creating apply goes through (and is recorded as a
+    // create); another name stays refused.
+    let s = TestApi::start_with(Options {
+        rules: Some(role("get, create, patch")),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(s.client().unwrap(), "ns");
+    assert!(cms
+        .patch("mine", &pp, &Patch::Apply(&apply("mine")))
+        .await
+        .is_ok());
+    assert!(s.object("", "configmaps", "ns", "mine").is_some());
+    assert!(s
+        .requests()
+        .iter()
+        .any(|r| r.verb == "create" && r.name.as_deref() == Some("mine") && r.code < 300));
+    assert_eq!(
+        code(
+            cms.patch("other", &pp, &Patch::Apply(&apply("other")))
+                .await
+                .unwrap_err()
+        )
+        .0,
+        403
+    );
+    // A POST create has no name in the URL: a named rule cannot allow it.
+    assert_eq!(
+        code(
+            cms.create(&PostParams::default(), &cm("mine2", &[]))
+                .await
+                .unwrap_err()
+        )
+        .0,
+        403
+    );
+}
