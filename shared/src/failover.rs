@@ -128,6 +128,10 @@ pub struct Observation<'a> {
     /// Rebuild a fenced former primary as a standby of the new holder
     /// (`--rejoin`); otherwise it stays fenced for an operator.
     pub rejoin: bool,
+    /// This process has not held the lease yet and has not tried to adopt
+    /// one lately: it may continue a grant an earlier process of this region
+    /// left behind (agent restart, leader change) instead of fencing.
+    pub may_adopt: bool,
 }
 
 /// The one thing to do now.
@@ -137,6 +141,11 @@ pub enum Action {
     Fence { reason: &'static str },
     /// Take the lease (next epoch above the highest granted).
     Acquire { reason: &'static str },
+    /// Continue this region's own grant at `epoch`, left by an earlier
+    /// process, with a renewal (the witnesses refuse it unless `epoch` is
+    /// this region's and nobody took over). If that fails, a running
+    /// unfenced primary is fenced at once.
+    Adopt { epoch: Epoch },
     /// Wait for replay to catch up, then promote.
     Promote { epoch: Epoch },
     /// Accept writes again, requiring `standby` (or none).
@@ -173,6 +182,7 @@ impl Action {
         match self {
             Action::Fence { .. } => "fence",
             Action::Acquire { .. } => "acquire",
+            Action::Adopt { .. } => "adopt",
             Action::Promote { .. } => "promote",
             Action::Unfence { .. } => "unfence",
             Action::SetRequiredStandby { .. } => "set_required_standby",
@@ -238,6 +248,11 @@ pub fn decide(obs: &Observation<'_>) -> Action {
         return offline(obs);
     };
     let held = held_now(obs);
+    if held.is_none() {
+        if let Some(epoch) = adoptable(obs, db) {
+            return Action::Adopt { epoch };
+        }
+    }
     if db.primary {
         match held {
             Some(h) => primary_holding(obs, db, h),
@@ -249,6 +264,31 @@ pub fn decide(obs: &Observation<'_>) -> Action {
             None => standby_not_holding(obs, db),
         }
     }
+}
+
+/// A grant an earlier process of this region may have left, to continue
+/// rather than fence and wait a TTL (a restart or leader change must not
+/// cost an outage, nor race the standby for a new epoch):
+///
+/// * a majority sees this region as the live holder of the highest epoch;
+/// * or a fenced primary sees a newer epoch than its database recorded while
+///   the lease is free: that epoch may be this region's own, granted just
+///   before a crash that came between promotion and `RecordEpoch`. Only a
+///   renewal can tell: a witness renews only its current holder at its
+///   current epoch, so a majority renewal proves nobody else took the lease
+///   at or after that epoch, and this database is the one that won it.
+fn adoptable(obs: &Observation<'_>, db: &DbState) -> Option<Epoch> {
+    if !obs.may_adopt || obs.held.is_some() {
+        return None;
+    }
+    let view = obs.view?;
+    let own_live = view
+        .holder
+        .as_ref()
+        .is_some_and(|(h, e)| h == obs.region && *e == view.max_epoch);
+    let own_unrecorded =
+        db.primary && db.fenced && view.expired_at_majority && db.epoch < view.max_epoch;
+    (own_live || own_unrecorded).then_some(view.max_epoch)
 }
 
 /// The database does not answer. Only a database this agent stopped
@@ -554,6 +594,7 @@ mod tests {
         rejoin: bool,
         mode: Mode,
         policy: SyncPolicy,
+        may_adopt: bool,
         want: &'static str,
     }
 
@@ -578,6 +619,7 @@ mod tests {
         rejoin: false,
         mode: Mode::Automatic,
         policy: SyncPolicy::Preferred,
+        may_adopt: false,
         want: "wait",
     };
 
@@ -653,6 +695,7 @@ mod tests {
             handover_request: request.as_ref(),
             handover_deadline: c.deadline.map(|off| at(now, off)),
             rejoin: c.rejoin,
+            may_adopt: c.may_adopt,
         })
     }
 
@@ -1141,6 +1184,117 @@ mod tests {
         }
     }
 
+    /// A new process (agent restart, leader change) continues its region's
+    /// own grant instead of fencing, and never anyone else's.
+    #[test]
+    fn adopt_table() {
+        let fresh = Case {
+            held: None,
+            may_adopt: true,
+            ..BASE
+        };
+        let cases = [
+            Case {
+                name: "restarted primary, own live lease: adopt, no fence",
+                view_holder: Some("a"),
+                want: "adopt",
+                ..fresh
+            },
+            Case {
+                name: "own live lease but adoption already tried: fence",
+                view_holder: Some("a"),
+                may_adopt: false,
+                want: "fence",
+                ..fresh
+            },
+            Case {
+                name: "restarted primary, the peer holds the lease: fence",
+                view_holder: Some("b"),
+                want: "fence",
+                ..fresh
+            },
+            Case {
+                name: "restarted primary, nobody holds: fence",
+                view: Some((true, 1, Some((1, Some("b"))))),
+                want: "fence",
+                ..fresh
+            },
+            Case {
+                name: "restarted primary, no majority view: fence",
+                view: None,
+                want: "fence",
+                ..fresh
+            },
+            Case {
+                name: "restarted standby, own live lease (taken, not yet promoted): adopt",
+                primary: false,
+                required: None,
+                view_holder: Some("a"),
+                recorded: None,
+                want: "adopt",
+                ..fresh
+            },
+            Case {
+                name: "fenced primary, newer epoch unrecorded, lease free: try adopting it",
+                fenced: true,
+                view: Some((true, 2, None)),
+                want: "adopt",
+                ..fresh
+            },
+            Case {
+                name: "same, but adoption already failed: stay fenced",
+                fenced: true,
+                view: Some((true, 2, None)),
+                may_adopt: false,
+                want: "wait",
+                ..fresh
+            },
+            Case {
+                name: "unfenced primary, newer epoch, lease free: fence first",
+                view: Some((true, 2, None)),
+                want: "fence",
+                ..fresh
+            },
+            Case {
+                name: "fenced primary, newer epoch held live by the peer: stay fenced",
+                fenced: true,
+                view: Some((false, 2, None)),
+                view_holder: Some("b"),
+                want: "wait",
+                ..fresh
+            },
+            Case {
+                name: "fenced primary at the highest epoch, lease free: acquire anew",
+                fenced: true,
+                view: Some((true, 1, None)),
+                want: "acquire",
+                ..fresh
+            },
+            Case {
+                name: "a process whose own renewal lapsed never adopts: fence",
+                held: Some((1, -1)),
+                view_holder: Some("a"),
+                want: "fence",
+                ..fresh
+            },
+            Case {
+                name: "holding: no adoption",
+                held: Some((1, 1000)),
+                view_holder: Some("a"),
+                want: "wait",
+                ..fresh
+            },
+        ];
+        for c in &cases {
+            let got = run(c);
+            assert_eq!(got.label(), c.want, "{}: got {got:?}", c.name);
+            if let Action::Adopt { epoch } = got {
+                let max = c.view.map_or(0, |v| v.1);
+                assert_eq!(epoch, Epoch(max), "{}: adopts the highest epoch", c.name);
+            }
+        }
+    }
+
     #[test]
     fn database_silent_means_wait() {
         let now = Instant::now();
@@ -1159,6 +1313,7 @@ mod tests {
             handover_request: None,
             handover_deadline: None,
             rejoin: false,
+            may_adopt: true,
         });
         assert_eq!(got.label(), "wait");
     }
@@ -1171,13 +1326,15 @@ mod tests {
         fn unfenced_primary_without_lease_is_always_fenced(
             epoch in 0u64..5, max in 0u64..5, expired: bool, attached: bool,
             rec in proptest::option::of(proptest::option::of(proptest::bool::ANY)),
-            late_ms in 0i64..10_000, has_view: bool,
+            late_ms in 0i64..10_000, has_view: bool, may_adopt: bool, holder_me: bool,
         ) {
             let c = Case {
                 name: "prop", primary: true, fenced: false, db_epoch: epoch,
                 peer_attached: attached, held: Some((epoch, -late_ms)),
                 view: has_view.then_some((expired, max, None)),
+                view_holder: (holder_me && !expired).then_some("a"),
                 recorded: rec.map(|r| r.map(|_| "b")),
+                may_adopt,
                 want: "fence", ..BASE
             };
             proptest::prop_assert_eq!(run(&c).label(), "fence");
@@ -1187,13 +1344,48 @@ mod tests {
         /// newer epoch exists.
         #[test]
         fn fenced_primary_behind_a_newer_epoch_stays_fenced(
-            db_epoch in 0u64..5, ahead in 1u64..5, expired: bool,
+            db_epoch in 0u64..5, ahead in 1u64..5, expired: bool, may_adopt: bool,
         ) {
             let c = Case {
                 name: "prop", primary: true, fenced: true, db_epoch, held: None,
-                view: Some((expired, db_epoch + ahead, None)), want: "wait", ..BASE
+                view: Some((expired, db_epoch + ahead, None)),
+                view_holder: (!expired).then_some("b"),
+                may_adopt, want: "wait", ..BASE
             };
-            proptest::prop_assert_eq!(run(&c).label(), "wait");
+            // At most a renewal attempt of the newest epoch, which the
+            // witnesses refuse unless it is this region's own.
+            match run(&c) {
+                Action::Wait { .. } => {}
+                Action::Adopt { epoch } => proptest::prop_assert!(
+                    may_adopt && expired && epoch == Epoch(db_epoch + ahead)
+                ),
+                other => proptest::prop_assert!(false, "decided {other:?}"),
+            }
+        }
+
+        /// A new process adopts only the highest epoch, never while the peer
+        /// holds the lease live, never while it holds a grant of its own,
+        /// and never for an unfenced primary whose lease is free.
+        #[test]
+        fn adoption_is_only_of_the_own_newest_grant(
+            primary: bool, fenced: bool, db_epoch in 0u64..4, max in 0u64..4, expired: bool,
+            holder in proptest::option::of(proptest::bool::ANY), held in proptest::option::of(-2000i64..2000),
+            may_adopt: bool,
+        ) {
+            let c = Case {
+                name: "prop", primary, fenced, db_epoch,
+                held: held.map(|off| (max, off)),
+                view: Some((expired, max, None)),
+                view_holder: holder.filter(|_| !expired).map(|me| if me { "a" } else { "b" }),
+                may_adopt, want: "", ..BASE
+            };
+            if let Action::Adopt { epoch } = run(&c) {
+                proptest::prop_assert!(may_adopt && held.is_none());
+                proptest::prop_assert_eq!(epoch, Epoch(max));
+                proptest::prop_assert!(holder != Some(false) || expired);
+                let own_live = holder == Some(true) && !expired;
+                proptest::prop_assert!(own_live || (primary && fenced && expired && db_epoch < max));
+            }
         }
 
         /// Invariant 3: a standby acquires only when expired at a majority,

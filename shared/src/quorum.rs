@@ -639,6 +639,36 @@ impl QuorumClient {
         Err(error)
     }
 
+    /// Continues a grant of `holder` at `epoch` that an earlier process left
+    /// (agent restart, leader change), by renewing it. Witnesses renew only
+    /// their current holder at its current epoch, so success at a majority
+    /// means nobody else took the lease; the deadline counts from this
+    /// request's send time only, never from anything the earlier process did.
+    pub async fn adopt(
+        &self,
+        name: &LeaseName,
+        holder: &HolderId,
+        epoch: Epoch,
+        ttl: Duration,
+    ) -> Result<Grant, QuorumError> {
+        self.cfg.validate(ttl)?;
+        let now = Instant::now();
+        let stub = Grant {
+            name: name.clone(),
+            holder: holder.clone(),
+            epoch,
+            ttl,
+            sent_at: now,
+            granted_at: now,
+            deadline: now,
+            granted_by: 0,
+        };
+        self.learn_epoch(name, epoch);
+        let grant = self.renew(&stub).await?;
+        tracing::info!(lease = %name, %holder, %epoch, granted_by = grant.granted_by, "lease adopted: a majority renewed this region's grant");
+        Ok(grant)
+    }
+
     /// Gives the lease up at every witness (best effort; unanswered witnesses
     /// free it when the TTL runs out). Returns how many confirmed.
     pub async fn release(&self, grant: &Grant) -> usize {

@@ -305,3 +305,83 @@ async fn killed_primary_rejoins_by_itself_with_rejoin_rewind() {
     // It never acknowledged a write as primary again.
     assert_eq!(writable(&cluster).await, vec![1]);
 }
+
+/// A restarted agent (SIGKILL of the agent alone, its database running:
+/// an upgrade, an OOM kill) continues its region's grant by renewal: the
+/// primary is not fenced, no new epoch is granted, the standby does not
+/// take over, and every acknowledged write stays on the one primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_primary_agent_adopts_its_lease_without_fencing() {
+    let mut cluster = Cluster::new(1, TTL_MS, 4_000, "off").await.unwrap();
+    cluster.start_agent(0).unwrap();
+    cluster.start_agent(1).unwrap();
+    cluster.wait_steady(0, 1, settle()).await.unwrap();
+    let before = cluster.view().await.and_then(|v| v.holder).unwrap();
+    assert_eq!(before.0.as_str(), "region-a");
+
+    let conninfos: Vec<String> = cluster.pg.iter().map(|p| p.conninfo()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = tokio::spawn(writer::run(conninfos, 0, 1, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let log_before = cluster.agent_log(0).len();
+    cluster.kill_agent(0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.start_agent(0).unwrap();
+    // Three TTLs: long past the killed process's deadline and the witness TTL.
+    tokio::time::sleep(Duration::from_millis(3 * TTL_MS)).await;
+    stop.store(true, Ordering::Relaxed);
+    let log = w.await.unwrap();
+
+    let after_restart = cluster.agent_log(0)[log_before..].to_string();
+    let applied = |action: &str| {
+        after_restart.lines().any(|l| {
+            l.contains("failover action applied") && l.contains(&format!("\"action\":\"{action}\""))
+        })
+    };
+    assert!(
+        applied("adopt"),
+        "the restarted agent adopts its grant:\n{after_restart}"
+    );
+    assert!(
+        !applied("fence") && !applied("acquire"),
+        "no fence, no new epoch after the restart:\n{after_restart}"
+    );
+    let now = cluster.view().await.and_then(|v| v.holder);
+    assert_eq!(
+        now.as_ref().map(|(h, e)| (h.as_str(), *e)),
+        Some(("region-a", before.1)),
+        "same holder, same epoch: no failover\nagent b:\n{}",
+        cluster.agent_log_tail(1)
+    );
+    assert_eq!(
+        writable(&cluster).await,
+        vec![0],
+        "region-a still the only primary"
+    );
+    assert!(!log.acks.is_empty());
+    assert!(
+        log.acks.iter().all(|a| a.region == 0),
+        "every write acknowledged by region-a"
+    );
+    let ids: Vec<i64> = log.acks.iter().map(|a| a.id).collect();
+    let c = cluster.pg[1].connect().await.unwrap();
+    let on_standby: i64 = c
+        .query_one(
+            "SELECT count(*) FROM drill_writes WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        on_standby,
+        ids.len() as i64,
+        "strict remote_apply: every ack on the standby"
+    );
+    eprintln!(
+        "agent restarted: epoch {} kept, {} writes acknowledged across the restart",
+        before.1,
+        ids.len()
+    );
+}

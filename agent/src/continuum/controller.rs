@@ -195,6 +195,11 @@ struct Runner {
     /// lease back if nobody took it (in memory: a restarted agent waits for
     /// an operator instead).
     released_for_handover: Option<std::time::Instant>,
+    /// This runner has held the lease (then it never adopts).
+    held_once: bool,
+    /// When this runner last tried to adopt a grant a previous leader or
+    /// runner of this region left (at most once per TTL).
+    adopt_tried_at: Option<std::time::Instant>,
     last_reason: String,
 }
 
@@ -242,6 +247,7 @@ fn event_reason(action: &Action) -> &'static str {
     match action {
         Action::Fence { .. } => "Fenced",
         Action::Acquire { .. } => "LeaseAcquired",
+        Action::Adopt { .. } => "LeaseAdopted",
         Action::Promote { .. } => "Promoted",
         Action::Unfence { .. } => "Unfenced",
         Action::SetRequiredStandby { .. } => "RequiredStandbyChanged",
@@ -415,6 +421,8 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
         switchover_t0: None,
         promotion_token: None,
         released_for_handover: None,
+        held_once: false,
+        adopt_tried_at: None,
         last_reason: String::new(),
     }));
     ctx.runners.lock().await.insert(key, runner.clone());
@@ -623,7 +631,36 @@ impl Runner {
                 .released_for_handover
                 .map(|t| t + (self.ttl * HANDOVER_TIMEOUT_TTLS).max(Duration::from_secs(10))),
             rejoin: false,
+            may_adopt: !self.held_once
+                && self.adopt_tried_at.is_none_or(|t| t.elapsed() >= self.ttl),
         })
+    }
+
+    /// Starts holding `g` (taken or adopted): renewer, fence guard input,
+    /// and, for a standby, the failover start and a handover's token.
+    fn hold(&mut self, g: Grant, seen: &Seen) {
+        self.recorded = None;
+        self.released_for_handover = None;
+        self.held_once = true;
+        if seen.db.as_ref().is_some_and(|d| !d.primary) {
+            self.acquired_at = Some((Timestamp::now(), Instant::now()));
+            // Taken through a planned handover: promote with its token.
+            self.promotion_token = seen
+                .view
+                .as_ref()
+                .and_then(failover::live_intent)
+                .filter(|h| h.to == self.names.region)
+                .and_then(|h| h.promotion_token.clone());
+        }
+        self.grant.send_replace(Some(g.clone()));
+        if let Some(old) = self.renewer.take() {
+            old.abort();
+        }
+        self.renewer = Some(tokio::spawn(crate::lease_guard::renewer(
+            self.quorum.clone(),
+            g,
+            self.grant.clone(),
+        )));
     }
 
     /// Applies one action; `Ok` carries a human-readable detail.
@@ -646,28 +683,33 @@ impl Runner {
                     .await
                     .map_err(|e| (e.label(), e.to_string()))?;
                 let epoch = g.epoch;
-                self.recorded = None;
-                self.released_for_handover = None;
-                if seen.db.as_ref().is_some_and(|d| !d.primary) {
-                    self.acquired_at = Some((Timestamp::now(), Instant::now()));
-                    // Taken through a planned handover: promote with its token.
-                    self.promotion_token = seen
-                        .view
-                        .as_ref()
-                        .and_then(failover::live_intent)
-                        .filter(|h| h.to == self.names.region)
-                        .and_then(|h| h.promotion_token.clone());
-                }
-                self.grant.send_replace(Some(g.clone()));
-                if let Some(old) = self.renewer.take() {
-                    old.abort();
-                }
-                self.renewer = Some(tokio::spawn(crate::lease_guard::renewer(
-                    self.quorum.clone(),
-                    g,
-                    self.grant.clone(),
-                )));
+                self.hold(g, seen);
                 Ok(format!("{reason}; holding epoch {epoch}"))
+            }
+            Action::Adopt { epoch } => {
+                self.adopt_tried_at = Some(std::time::Instant::now());
+                match self
+                    .quorum
+                    .adopt(&self.lease, &self.names.region, *epoch, self.ttl)
+                    .await
+                {
+                    Ok(g) => {
+                        self.hold(g, seen);
+                        Ok(format!(
+                            "continuing this region's grant left by an earlier leader: holding epoch {epoch}, no fence"
+                        ))
+                    }
+                    Err(e) => {
+                        if seen.db.as_ref().is_some_and(|d| d.primary && !d.fenced) {
+                            self.cluster.fence().await.map_err(cnpg_err)?;
+                            return Err((
+                                e.label(),
+                                format!("adoption refused ({e}): {} set", cnpg::ANNOTATION_FENCED),
+                            ));
+                        }
+                        Err((e.label(), format!("adoption refused: {e}")))
+                    }
+                }
             }
             Action::Promote { epoch } => {
                 let Some(obj) = seen.cluster.as_ref() else {

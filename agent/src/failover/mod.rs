@@ -262,6 +262,12 @@ struct Runner {
     /// This process has held the lease (the unsafe no-fence test hook only
     /// skips fences after that, so bootstrap still works).
     held_once: bool,
+    /// When this process last tried to adopt a grant an earlier process of
+    /// this region left (at most once per TTL, and never after holding).
+    adopt_tried_at: Option<std::time::Instant>,
+    /// The database as last observed (an adoption that fails fences an
+    /// unfenced primary at once).
+    last_db: Option<DbState>,
     metrics: Metrics,
     status: Arc<Mutex<serde_json::Value>>,
     /// The data directory, when this agent manages it (`--pg-data-dir`).
@@ -412,6 +418,8 @@ async fn run_async(args: FailoverArgs) -> anyhow::Result<()> {
         recorded: None,
         meta_seq: 0,
         held_once: false,
+        adopt_tried_at: None,
+        last_db: None,
         metrics,
         status,
         server,
@@ -572,6 +580,9 @@ impl Runner {
             }
             a.request.as_ref().map(|(to, _)| to.clone())
         };
+        let may_adopt =
+            !self.held_once && self.adopt_tried_at.is_none_or(|t| t.elapsed() >= self.ttl);
+        self.last_db = db.clone();
         self.update_gauges(held, db.as_ref(), now);
         self.publish_status(held, db.as_ref(), offline.as_ref(), view.as_ref(), now);
         failover::decide(&Observation {
@@ -594,6 +605,7 @@ impl Runner {
             handover_request: request.as_ref(),
             handover_deadline,
             rejoin: self.args.rejoin != RejoinArg::Off,
+            may_adopt,
         })
     }
 
@@ -757,6 +769,44 @@ impl Runner {
                     self.grant.clone(),
                 ));
                 Ok(format!("{reason}; holding epoch {epoch}"))
+            }
+            Action::Adopt { epoch } => {
+                self.adopt_tried_at = Some(std::time::Instant::now());
+                match self
+                    .client
+                    .adopt(&self.lease, &self.region, *epoch, self.ttl)
+                    .await
+                {
+                    Ok(g) => {
+                        // What the earlier process stored may have reached
+                        // only some witnesses: record it again.
+                        self.recorded = None;
+                        self.held_once = true;
+                        self.grant.send_replace(Some(g.clone()));
+                        tokio::spawn(crate::lease_guard::renewer(
+                            self.client.clone(),
+                            g,
+                            self.grant.clone(),
+                        ));
+                        Ok(format!(
+                            "continuing this region's grant left by an earlier process: holding epoch {epoch}, no fence"
+                        ))
+                    }
+                    Err(e) => {
+                        let unfenced = self
+                            .last_db
+                            .as_ref()
+                            .is_some_and(|d| d.primary && !d.fenced);
+                        if unfenced {
+                            let r = timed(bound, pg::fence(&conninfo)).await?.map_err(pg_err)?;
+                            return Err((
+                                e.label(),
+                                format!("adoption refused ({e}): fenced in {:?}", r.total),
+                            ));
+                        }
+                        Err((e.label(), format!("adoption refused: {e}")))
+                    }
+                }
             }
             Action::Promote { epoch } => {
                 let r = timed(bound, pg::promote(&conninfo, pg::PromoteOptions::default()))

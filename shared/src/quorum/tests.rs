@@ -466,3 +466,48 @@ async fn keeper_holds_renews_and_hands_over_on_shutdown() {
     assert!(eb > epoch);
     kb.shutdown().await;
 }
+
+/// A new process of the holder (restart, leader change) continues its own
+/// grant by renewal; it can never adopt another holder's grant, a wrong
+/// epoch, or a grant someone took over.
+#[tokio::test]
+async fn adopt_continues_only_the_own_current_grant() {
+    let (_ws, ts) = models(3);
+    let first = QuorumClient::new(ts.clone(), cfg()).unwrap();
+    let g = first.acquire(&name(), &h("a"), TTL).await.unwrap();
+    // The process is gone; a fresh client of the same region adopts.
+    let second = QuorumClient::new(ts.clone(), cfg()).unwrap();
+    let before = Instant::now();
+    let adopted = second.adopt(&name(), &h("a"), g.epoch, TTL).await.unwrap();
+    assert_eq!(adopted.epoch, g.epoch);
+    assert!(adopted.granted_by >= 2);
+    assert!(
+        adopted.sent_at >= before,
+        "the deadline counts from the adopting request, not the old grant"
+    );
+    assert!(adopted.deadline > adopted.sent_at);
+    // Another region, or a wrong epoch, is refused.
+    let other = QuorumClient::new(ts.clone(), cfg()).unwrap();
+    assert_eq!(
+        other
+            .adopt(&name(), &h("b"), g.epoch, TTL)
+            .await
+            .unwrap_err()
+            .label(),
+        "no_majority"
+    );
+    assert!(second
+        .adopt(&name(), &h("a"), Epoch(g.epoch.0 + 1), TTL)
+        .await
+        .is_err());
+    // Once b took over, a can no longer adopt its old epoch.
+    second.release(&adopted).await;
+    let gb = other.acquire(&name(), &h("b"), TTL).await.unwrap();
+    assert!(gb.epoch > g.epoch);
+    assert!(second.adopt(&name(), &h("a"), g.epoch, TTL).await.is_err());
+    // A zero TTL is refused before anything is sent.
+    assert!(second
+        .adopt(&name(), &h("b"), gb.epoch, Duration::ZERO)
+        .await
+        .is_err());
+}
