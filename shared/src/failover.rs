@@ -145,7 +145,15 @@ pub enum Action {
     /// process, with a renewal (the witnesses refuse it unless `epoch` is
     /// this region's and nobody took over). If that fails, a running
     /// unfenced primary is fenced at once.
-    Adopt { epoch: Epoch },
+    ///
+    /// `handover`: the record this region wrote in that epoch when it
+    /// carries a handover intent; the adopting process continues the
+    /// handover from it (never weakens durability on a record that may have
+    /// reached only some witnesses: it only fences, stops and releases).
+    Adopt {
+        epoch: Epoch,
+        handover: Option<LeaseMeta>,
+    },
     /// Wait for replay to catch up, then promote.
     Promote { epoch: Epoch },
     /// Accept writes again, requiring `standby` (or none).
@@ -250,7 +258,12 @@ pub fn decide(obs: &Observation<'_>) -> Action {
     let held = held_now(obs);
     if held.is_none() {
         if let Some(epoch) = adoptable(obs, db) {
-            return Action::Adopt { epoch };
+            let handover = obs
+                .view
+                .and_then(|v| v.meta.as_ref())
+                .filter(|(e, m)| *e == epoch && m.handover.is_some())
+                .map(|(_, m)| m.clone());
+            return Action::Adopt { epoch, handover };
         }
     }
     if db.primary {
@@ -1288,7 +1301,7 @@ mod tests {
         for c in &cases {
             let got = run(c);
             assert_eq!(got.label(), c.want, "{}: got {got:?}", c.name);
-            if let Action::Adopt { epoch } = got {
+            if let Action::Adopt { epoch, .. } = got {
                 let max = c.view.map_or(0, |v| v.1);
                 assert_eq!(epoch, Epoch(max), "{}: adopts the highest epoch", c.name);
             }
@@ -1356,7 +1369,7 @@ mod tests {
             // witnesses refuse unless it is this region's own.
             match run(&c) {
                 Action::Wait { .. } => {}
-                Action::Adopt { epoch } => proptest::prop_assert!(
+                Action::Adopt { epoch, .. } => proptest::prop_assert!(
                     may_adopt && expired && epoch == Epoch(db_epoch + ahead)
                 ),
                 other => proptest::prop_assert!(false, "decided {other:?}"),
@@ -1379,7 +1392,7 @@ mod tests {
                 view_holder: holder.filter(|_| !expired).map(|me| if me { "a" } else { "b" }),
                 may_adopt, want: "", ..BASE
             };
-            if let Action::Adopt { epoch } = run(&c) {
+            if let Action::Adopt { epoch, .. } = run(&c) {
                 proptest::prop_assert!(may_adopt && held.is_none());
                 proptest::prop_assert_eq!(epoch, Epoch(max));
                 proptest::prop_assert!(holder != Some(false) || expired);

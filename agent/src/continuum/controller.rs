@@ -686,7 +686,7 @@ impl Runner {
                 self.hold(g, seen);
                 Ok(format!("{reason}; holding epoch {epoch}"))
             }
-            Action::Adopt { epoch } => {
+            Action::Adopt { epoch, handover } => {
                 self.adopt_tried_at = Some(std::time::Instant::now());
                 match self
                     .quorum
@@ -695,6 +695,7 @@ impl Runner {
                 {
                     Ok(g) => {
                         self.hold(g, seen);
+                        self.recorded = handover.clone();
                         Ok(format!(
                             "continuing this region's grant left by an earlier leader: holding epoch {epoch}, no fence"
                         ))

@@ -690,6 +690,21 @@ impl Runner {
         }
     }
 
+    /// Starts holding `g` (taken or adopted): the renewer keeps it fresh
+    /// and the fence guard watches its deadline. Nothing is recorded at the
+    /// witnesses for it yet (an adopted epoch's record may have reached only
+    /// some of them: it is written again).
+    fn hold(&mut self, g: Grant) {
+        self.recorded = None;
+        self.held_once = true;
+        self.grant.send_replace(Some(g.clone()));
+        tokio::spawn(crate::lease_guard::renewer(
+            self.client.clone(),
+            g,
+            self.grant.clone(),
+        ));
+    }
+
     async fn apply_inner(&mut self, action: &Action) -> Result<String, (&'static str, String)> {
         let conninfo = self.args.pg_conninfo.clone();
         let pg_err = |e: continuum_shared::pg::PgError| (e.label(), e.to_string());
@@ -760,17 +775,10 @@ impl Runner {
                     .await
                     .map_err(|e| (e.label(), e.to_string()))?;
                 let epoch = g.epoch;
-                self.recorded = None;
-                self.held_once = true;
-                self.grant.send_replace(Some(g.clone()));
-                tokio::spawn(crate::lease_guard::renewer(
-                    self.client.clone(),
-                    g,
-                    self.grant.clone(),
-                ));
+                self.hold(g);
                 Ok(format!("{reason}; holding epoch {epoch}"))
             }
-            Action::Adopt { epoch } => {
+            Action::Adopt { epoch, handover } => {
                 self.adopt_tried_at = Some(std::time::Instant::now());
                 match self
                     .client
@@ -778,16 +786,8 @@ impl Runner {
                     .await
                 {
                     Ok(g) => {
-                        // What the earlier process stored may have reached
-                        // only some witnesses: record it again.
-                        self.recorded = None;
-                        self.held_once = true;
-                        self.grant.send_replace(Some(g.clone()));
-                        tokio::spawn(crate::lease_guard::renewer(
-                            self.client.clone(),
-                            g,
-                            self.grant.clone(),
-                        ));
+                        self.hold(g);
+                        self.recorded = handover.clone();
                         Ok(format!(
                             "continuing this region's grant left by an earlier process: holding epoch {epoch}, no fence"
                         ))
