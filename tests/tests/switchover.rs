@@ -235,17 +235,8 @@ async fn old_primary_agent_killed_mid_handover_ends_safe() {
         cluster.agent_log_tail(0),
         cluster.agent_log_tail(1)
     );
-    let ids: Vec<i64> = log.acks.iter().map(|a| a.id).collect();
-    let c = cluster.pg[winner].connect().await.unwrap();
-    let present: i64 = c
-        .query_one(
-            "SELECT count(*) FROM drill_writes WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(present, ids.len() as i64, "acknowledged writes lost");
+    let present = cluster.acked_present(winner, &log).await.unwrap();
+    assert_eq!(present, log.acks.len() as i64, "acknowledged writes lost");
     // Acknowledgements never interleave between regions.
     let switches = log
         .acks
@@ -364,24 +355,15 @@ async fn restarted_primary_agent_adopts_its_lease_without_fencing() {
         log.acks.iter().all(|a| a.region == 0),
         "every write acknowledged by region-a"
     );
-    let ids: Vec<i64> = log.acks.iter().map(|a| a.id).collect();
-    let c = cluster.pg[1].connect().await.unwrap();
-    let on_standby: i64 = c
-        .query_one(
-            "SELECT count(*) FROM drill_writes WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let on_standby = cluster.acked_present(1, &log).await.unwrap();
     assert_eq!(
         on_standby,
-        ids.len() as i64,
+        log.acks.len() as i64,
         "strict remote_apply: every ack on the standby"
     );
     eprintln!(
         "agent restarted: epoch {} kept, {} writes acknowledged across the restart",
         before.1,
-        ids.len()
+        log.acks.len()
     );
 }

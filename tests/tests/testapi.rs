@@ -639,12 +639,19 @@ async fn rbac_from_cluster_role_and_faults() {
 /// `create` of that name (besides `patch`); one that updates needs `patch` only.
 #[tokio::test]
 async fn apply_that_creates_needs_create_by_name() {
-    let role = |verbs: &str| {
-        rbac::rules_from_yaml(&format!(
+    // A server whose only rule grants `verbs` on the ConfigMap named "mine".
+    async fn server(verbs: &str) -> TestApi {
+        let rules = rbac::rules_from_yaml(&format!(
             "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: r}}\nrules:\n- apiGroups: [\"\"]\n  resources: [configmaps]\n  resourceNames: [mine]\n  verbs: [{verbs}]\n"
         ))
+        .unwrap();
+        TestApi::start_with(Options {
+            rules: Some(rules),
+            ..Options::default()
+        })
+        .await
         .unwrap()
-    };
+    }
     let apply = |name: &str| {
         let mut c = cm(name, &[]);
         c.data = Some(BTreeMap::from([("k".to_string(), "v".to_string())]));
@@ -653,12 +660,7 @@ async fn apply_that_creates_needs_create_by_name() {
     let pp = PatchParams::apply("test").force();
 
     // patch alone: the apply that would create is refused, nothing is created.
-    let s = TestApi::start_with(Options {
-        rules: Some(role("get, patch")),
-        ..Options::default()
-    })
-    .await
-    .unwrap();
+    let s = server("get, patch").await;
     let cms: Api<ConfigMap> = Api::namespaced(s.client().unwrap(), "ns");
     let (c, reason) = code(
         cms.patch("mine", &pp, &Patch::Apply(&apply("mine")))
@@ -684,12 +686,7 @@ async fn apply_that_creates_needs_create_by_name() {
 
     // create by name: the creating apply goes through (and is recorded as a
     // create); another name stays refused.
-    let s = TestApi::start_with(Options {
-        rules: Some(role("get, create, patch")),
-        ..Options::default()
-    })
-    .await
-    .unwrap();
+    let s = server("get, create, patch").await;
     let cms: Api<ConfigMap> = Api::namespaced(s.client().unwrap(), "ns");
     assert!(cms
         .patch("mine", &pp, &Patch::Apply(&apply("mine")))

@@ -347,6 +347,20 @@ impl Cluster {
         }
     }
 
+    /// How many of the writer's acknowledged writes a region's database holds.
+    pub async fn acked_present(&self, region: usize, log: &writer::WriterLog) -> Result<i64> {
+        let ids: Vec<i64> = log.acks.iter().map(|a| a.id).collect();
+        let c = self.pg[region].connect().await?;
+        let row = c
+            .query_one(
+                "SELECT count(*) FROM drill_writes WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await
+            .with_context(|| format!("count acknowledged writes on {}", REGION_NAMES[region]))?;
+        Ok(row.get(0))
+    }
+
     /// Whether a region's database commits a probe row within 500 ms.
     pub async fn accepts_write(&self, region: usize) -> bool {
         let Ok(c) = self.pg[region].connect().await else {
@@ -458,16 +472,7 @@ pub async fn switchover_phase(
         .max(*next_id)
         + 10_000;
 
-    let ids: Vec<i64> = log.acks.iter().map(|a| a.id).collect();
-    let c = cluster.pg[to].connect().await?;
-    let present: i64 = c
-        .query_one(
-            "SELECT count(*) FROM drill_writes WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await
-        .context("count acknowledged writes on the new primary")?
-        .get(0);
+    let present = cluster.acked_present(to, &log).await?;
     let first_new = log
         .acks
         .iter()
@@ -506,8 +511,8 @@ pub async fn switchover_phase(
             _ => None,
         },
         gap_ms: ms(last_old, first_new),
-        acked: ids.len() as u64,
-        lost: (ids.len() as i64 - present).max(0) as u64,
+        acked: log.acks.len() as u64,
+        lost: (log.acks.len() as i64 - present).max(0) as u64,
         split: u64::from(split),
         rebuilt,
         output,
@@ -587,17 +592,9 @@ async fn one_iteration(
         + 10_000;
 
     // Every acknowledged write must be on the survivor.
-    let ids: Vec<i64> = log.acks.iter().map(|a| a.id).collect();
+    let present = cluster.acked_present(standby, &log).await?;
+    let lost = log.acks.len() as i64 - present;
     let c = cluster.pg[standby].connect().await?;
-    let row = c
-        .query_one(
-            "SELECT count(*) FROM drill_writes WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await
-        .context("count acknowledged writes on the survivor")?;
-    let present: i64 = row.get(0);
-    let lost = ids.len() as i64 - present;
     let epoch_row = c
         .query_opt("SELECT epoch FROM continuum.epoch WHERE id = 1", &[])
         .await
@@ -621,7 +618,7 @@ async fn one_iteration(
         killed: REGIONS[primary].to_string(),
         promoted: REGIONS[standby].to_string(),
         epoch: epoch_row.and_then(|e| u64::try_from(e).ok()),
-        acked_writes: ids.len() as u64,
+        acked_writes: log.acks.len() as u64,
         lost_acked_writes: lost.max(0) as u64,
         split_brain: u64::from(split),
         rto_ms: ms(first_ack_survivor),
