@@ -38,7 +38,7 @@
 //!   deadline, fenced as a primary that must win the lease again at the
 //!   witnesses before it accepts writes (`StartFenced`, then the rules above).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::lease::{Epoch, Handover, HolderId, LeaseMeta};
 use crate::quorum::MajorityView;
@@ -101,6 +101,26 @@ pub struct Held {
     pub deadline: Instant,
 }
 
+/// How often a steady primary re-records its lease metadata (the confirmed
+/// LSN moves with every commit; one witness write per period keeps the
+/// witnesses' copy current without loading them).
+pub const META_REFRESH: Duration = Duration::from_secs(10);
+
+/// Whether `action` only re-records the metadata already recorded (a
+/// periodic refresh, logged quietly, no Event).
+pub fn is_meta_refresh(action: &Action, recorded: Option<&LeaseMeta>) -> bool {
+    match (action, recorded) {
+        (
+            Action::UpdateMeta {
+                sync_standby,
+                handover: None,
+            },
+            Some(r),
+        ) => r.handover.is_none() && r.sync_standby == *sync_standby,
+        _ => false,
+    }
+}
+
 /// Everything one decision looks at.
 #[derive(Debug, Clone)]
 pub struct Observation<'a> {
@@ -132,6 +152,10 @@ pub struct Observation<'a> {
     /// one lately: it may continue a grant an earlier process of this region
     /// left behind (agent restart, leader change) instead of fencing.
     pub may_adopt: bool,
+    /// The metadata this region recorded is old enough to write again (the
+    /// runner's refresh period): a steady primary re-records it so the
+    /// witnesses carry a current confirmed LSN.
+    pub meta_refresh_due: bool,
 }
 
 /// The one thing to do now.
@@ -479,7 +503,7 @@ fn primary_steady(obs: &Observation<'_>, db: &DbState, held: Held) -> Action {
         return Action::RecordEpoch { epoch: held.epoch };
     }
     let current = effective_required(obs, db);
-    if recorded_standby != Some(current.clone()) {
+    if recorded_standby != Some(current.clone()) || obs.meta_refresh_due {
         return Action::UpdateMeta {
             sync_standby: current,
             handover: None,
@@ -567,7 +591,6 @@ fn standby_not_holding(obs: &Observation<'_>, db: &DbState) -> Action {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn h(s: &str) -> HolderId {
         HolderId::new(s).expect("valid holder")
@@ -608,6 +631,7 @@ mod tests {
         mode: Mode,
         policy: SyncPolicy,
         may_adopt: bool,
+        refresh: bool,
         want: &'static str,
     }
 
@@ -633,6 +657,7 @@ mod tests {
         mode: Mode::Automatic,
         policy: SyncPolicy::Preferred,
         may_adopt: false,
+        refresh: false,
         want: "wait",
     };
 
@@ -709,7 +734,33 @@ mod tests {
             handover_deadline: c.deadline.map(|off| at(now, off)),
             rejoin: c.rejoin,
             may_adopt: c.may_adopt,
+            meta_refresh_due: c.refresh,
         })
+    }
+
+    #[test]
+    fn only_an_unchanged_record_is_a_refresh() {
+        let rec = LeaseMeta {
+            sync_standby: Some(h("b")),
+            ..Default::default()
+        };
+        let upd = |s: Option<&str>, handover: Option<Handover>| Action::UpdateMeta {
+            sync_standby: s.map(h),
+            handover,
+        };
+        assert!(is_meta_refresh(&upd(Some("b"), None), Some(&rec)));
+        assert!(!is_meta_refresh(&upd(None, None), Some(&rec)), "weakening");
+        assert!(
+            !is_meta_refresh(&upd(Some("b"), None), None),
+            "first record"
+        );
+        let intent = Handover {
+            to: h("b"),
+            final_lsn: None,
+            promotion_token: None,
+        };
+        assert!(!is_meta_refresh(&upd(Some("b"), Some(intent)), Some(&rec)));
+        assert!(!is_meta_refresh(&Action::Wait { reason: "x" }, Some(&rec)));
     }
 
     #[test]
@@ -717,6 +768,28 @@ mod tests {
         let cases = [
             Case {
                 name: "steady primary waits",
+                ..BASE
+            },
+            Case {
+                name: "steady primary: refresh due re-records the metadata",
+                refresh: true,
+                want: "update_meta",
+                ..BASE
+            },
+            Case {
+                name: "refresh due never beats a fence",
+                refresh: true,
+                held: Some((1, -1)),
+                want: "fence",
+                ..BASE
+            },
+            Case {
+                name: "refresh due on a standby: nothing to record",
+                refresh: true,
+                primary: false,
+                held: None,
+                view_holder: Some("a"),
+                want: "wait",
                 ..BASE
             },
             Case {
@@ -1327,6 +1400,7 @@ mod tests {
             handover_deadline: None,
             rejoin: false,
             may_adopt: true,
+            meta_refresh_due: true,
         });
         assert_eq!(got.label(), "wait");
     }
@@ -1340,6 +1414,7 @@ mod tests {
             epoch in 0u64..5, max in 0u64..5, expired: bool, attached: bool,
             rec in proptest::option::of(proptest::option::of(proptest::bool::ANY)),
             late_ms in 0i64..10_000, has_view: bool, may_adopt: bool, holder_me: bool,
+            refresh: bool,
         ) {
             let c = Case {
                 name: "prop", primary: true, fenced: false, db_epoch: epoch,
@@ -1347,7 +1422,7 @@ mod tests {
                 view: has_view.then_some((expired, max, None)),
                 view_holder: (holder_me && !expired).then_some("a"),
                 recorded: rec.map(|r| r.map(|_| "b")),
-                may_adopt,
+                may_adopt, refresh,
                 want: "fence", ..BASE
             };
             proptest::prop_assert_eq!(run(&c).label(), "fence");

@@ -14,6 +14,7 @@ use continuum_agent::continuum::controller::ControllerConfig;
 use continuum_agent::continuum::{cnpg, ContinuumAgent, Options};
 use continuum_shared::lease::HolderId;
 use continuum_testapi::{ResourceSpec, TestApi};
+use continuum_tests::pg_proc::PgRegion;
 use continuum_tests::pki::Pki;
 use continuum_tests::witness_proc::{WitnessOpts, WitnessProc};
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
@@ -148,6 +149,7 @@ impl Region {
                     max_drift: 0.01,
                     margin: Duration::from_millis(200),
                     instance: format!("agent-{region}"),
+                    meta_refresh: Duration::from_millis(300),
                 },
                 health_addr: "127.0.0.1:0".parse().unwrap(),
                 lease_namespace: "continuum-system".into(),
@@ -204,6 +206,41 @@ impl Region {
             .sum()
     }
 
+    fn gauge(&self, name: &str, labels: &[(&str, &str)]) -> Option<i64> {
+        let reg = self.registry.as_ref()?;
+        reg.gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .find(|m| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                })
+            })
+            .map(|m| m.get_gauge().get_value() as i64)
+    }
+
+    /// Stores `conninfo` as Secret `name` (key `uri`) in the test namespace.
+    async fn put_connection_secret(&self, name: &str, conninfo: &str) {
+        use base64::Engine;
+        let admin = self.api.admin_client().unwrap();
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin, NS);
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": name, "namespace": NS},
+                    "data": {"uri": base64::engine::general_purpose::STANDARD.encode(conninfo)},
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+
     fn assert_no_forbidden(&self) {
         let denied: Vec<_> = self
             .api
@@ -247,7 +284,7 @@ struct Setup {
 }
 
 fn sync_on(peer: &str) -> Value {
-    json!({"synchronous": {"method": "first", "number": 1, "standbyNamesPre": [peer], "dataDurability": "required"}})
+    json!({"synchronous": {"method": "first", "number": 1, "standbyNamesPre": [peer], "maxStandbyNamesFromCluster": 0, "standbyNamesPost": [], "dataDurability": "required"}})
 }
 
 /// Three witnesses, two regions, both agents running; returns once a holds
@@ -920,4 +957,177 @@ async fn abandoned_switchover_is_taken_back_by_the_old_primary() {
     assert_eq!(b.cluster()["spec"]["replica"]["primary"], "pg-a");
     a.assert_no_forbidden();
     a.kill_agent();
+}
+
+fn lsn(text: &str) -> u64 {
+    text.parse::<continuum_shared::pg::Lsn>()
+        .unwrap_or_else(|e| panic!("LSN {text:?}: {e}"))
+        .0
+}
+
+async fn set_standby_names(pg: &PgRegion, value: Option<&str>) {
+    let c = pg.connect().await.unwrap();
+    match value {
+        Some(v) => c
+            .batch_execute(&format!(
+                "ALTER SYSTEM SET synchronous_standby_names = '{v}'"
+            ))
+            .await
+            .unwrap(),
+        None => c
+            .batch_execute("ALTER SYSTEM RESET synchronous_standby_names")
+            .await
+            .unwrap(),
+    }
+    c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+}
+
+/// Invariant 3 against a real PostgreSQL: the Cluster's spec already asks
+/// CNPG for b as synchronous standby, but the running primary has not
+/// applied it. The witnesses must not hear "b is synchronous" until the
+/// server waits for b on every commit; then the confirmed LSN follows the
+/// commits, and b's promotion reports its replay position, which holds
+/// everything a confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_is_recorded_only_once_the_running_primary_requires_it() {
+    let pg_a = PgRegion::primary("pg-a", "pg-b").unwrap();
+    let pg_b = PgRegion::standby_of(&pg_a, "pg-b").unwrap();
+    // CNPG has not reconciled the spec into the server yet.
+    set_standby_names(&pg_a, Some("")).await;
+
+    let pki = Arc::new(Pki::generate().unwrap());
+    let witnesses: Vec<WitnessProc> = (0..3)
+        .map(|_| WitnessProc::start(WitnessOpts::default().with_pki(pki.clone())).unwrap())
+        .collect();
+    let conn = |n: &str| json!({"name": n, "key": "uri"});
+    let spec = json!({
+        "regions": [
+            {"name": "a", "cnpg": {"name": "pg-a", "connectionSecretRef": conn("pg-a-conn")}},
+            {"name": "b", "cnpg": {"name": "pg-b", "connectionSecretRef": conn("pg-b-conn")}},
+        ],
+        "witnesses": {"urls": witnesses.iter().map(|w| w.api_url()).collect::<Vec<_>>(), "tlsSecretRef": {"name": "witness-tls"}},
+        "ttlSeconds": 1,
+        "mode": "automatic",
+        "syncPolicy": "preferred",
+    });
+    let mut a = Region::new(
+        "a",
+        &pki,
+        json!({"instances": 1, "replica": {"self": "pg-a", "primary": "pg-a", "source": "pg-b"}, "postgresql": sync_on("pg-b")}),
+        &spec,
+    )
+    .await;
+    let mut b = Region::new(
+        "b",
+        &pki,
+        json!({"instances": 1, "replica": {"self": "pg-b", "primary": "pg-a", "source": "pg-a"}, "postgresql": sync_on("pg-a")}),
+        &spec,
+    )
+    .await;
+    a.put_connection_secret("pg-a-conn", &pg_a.conninfo()).await;
+    b.put_connection_secret("pg-b-conn", &pg_b.conninfo()).await;
+    a.start_agent().await;
+    b.start_agent().await;
+
+    const WAITING: &str =
+        "waiting for CloudNativePG to apply the synchronous standby to the running primary";
+    wait_for(
+        "a holds and waits for CNPG",
+        Duration::from_secs(20),
+        || {
+            let s = a.status();
+            s["phase"] == "Primary"
+                && s["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Decision" && c["message"] == WAITING)
+        },
+    )
+    .await;
+    // Well past the metadata refresh period and many ticks: b is never
+    // recorded while the server does not wait for it.
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < until {
+        let s = a.status();
+        assert_ne!(
+            s["synchronousStandby"], "b",
+            "b recorded as synchronous before the running primary required it: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The spec was already right: no patch storm while waiting.
+    let patches = a
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.verb == "patch" && r.resource == cnpg::PLURAL)
+        .count();
+    assert!(
+        patches <= 2,
+        "{patches} Cluster patches while waiting for CNPG"
+    );
+
+    // CNPG applies the spec.
+    set_standby_names(&pg_a, None).await;
+    wait_for(
+        "a records b with a confirmed LSN",
+        Duration::from_secs(10),
+        || {
+            let s = a.status();
+            s["synchronousStandby"] == "b" && s["confirmedLsn"].is_string()
+        },
+    )
+    .await;
+    let first = lsn(a.status()["confirmedLsn"].as_str().unwrap());
+    let c = pg_a.connect().await.unwrap();
+    c.batch_execute("CREATE TABLE t (v int); INSERT INTO t SELECT generate_series(1, 1000)")
+        .await
+        .unwrap();
+    wait_for(
+        "the confirmed LSN follows the commits",
+        Duration::from_secs(10),
+        || {
+            a.status()["confirmedLsn"]
+                .as_str()
+                .is_some_and(|l| lsn(l) > first)
+        },
+    )
+    .await;
+    assert_eq!(
+        a.gauge("continuum_cnpg_peer_reachable", &[("peer", "b")]),
+        Some(1),
+        "b streams from a"
+    );
+    wait_for("b sees a holding", Duration::from_secs(5), || {
+        b.gauge("continuum_cnpg_peer_reachable", &[("peer", "a")]) == Some(1)
+    })
+    .await;
+
+    // Region a's agent dies; a's last confirmed LSN stays at the witnesses.
+    let confirmed = lsn(a.status()["confirmedLsn"].as_str().unwrap());
+    a.kill_agent();
+    wait_for("b promoted", Duration::from_secs(15), || {
+        b.status()["lastFailover"]["lsnAtPromotion"].is_string()
+    })
+    .await;
+    let at_promotion = lsn(b.status()["lastFailover"]["lsnAtPromotion"]
+        .as_str()
+        .unwrap());
+    assert!(
+        at_promotion >= confirmed,
+        "b promoted at {at_promotion:#x}, below a's confirmed {confirmed:#x}"
+    );
+    let rows: i64 = pg_b
+        .connect()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1000, "every commit a acknowledged is on b");
+    a.assert_no_forbidden();
+    b.assert_no_forbidden();
+    b.kill_agent();
 }

@@ -84,7 +84,7 @@ pub struct Names {
 }
 
 impl Names {
-    fn region_of(&self, app_name: &str) -> Option<HolderId> {
+    pub fn region_of(&self, app_name: &str) -> Option<HolderId> {
         if app_name == self.peer_cluster {
             Some(self.peer.clone())
         } else if app_name == self.local_cluster {
@@ -180,6 +180,12 @@ pub fn epoch(obj: &DynamicObject) -> Epoch {
 }
 
 /// The region the Cluster requires to apply every commit, if any.
+///
+/// CNPG builds `synchronous_standby_names` from `standbyNamesPre`, then the
+/// Cluster's own pods (capped by `maxStandbyNamesFromCluster`, unbounded when
+/// unset), then `standbyNamesPost`. Unless the list is exactly the peer's
+/// Cluster, a local pod can satisfy `FIRST 1` while the other region streams
+/// asynchronously, so nothing is reported as required (invariant 3).
 pub fn required_standby(obj: &DynamicObject, names: &Names) -> Option<HolderId> {
     let sync = obj
         .data
@@ -189,8 +195,21 @@ pub fn required_standby(obj: &DynamicObject, names: &Names) -> Option<HolderId> 
     if sync.get("dataDurability").and_then(Value::as_str) == Some("preferred") {
         return None;
     }
-    let first = sync.get("standbyNamesPre")?.as_array()?.first()?.as_str()?;
-    names.region_of(first)
+    if sync
+        .get("maxStandbyNamesFromCluster")
+        .and_then(Value::as_u64)
+        != Some(0)
+    {
+        return None;
+    }
+    let post = sync.get("standbyNamesPost").and_then(Value::as_array);
+    if post.is_some_and(|p| !p.is_empty()) {
+        return None;
+    }
+    match sync.get("standbyNamesPre")?.as_array()?.as_slice() {
+        [only] => names.region_of(only.as_str()?),
+        _ => None,
+    }
 }
 
 /// The Cluster as the failover decision sees it.
@@ -217,10 +236,26 @@ fn synchronous_for(standby: Option<&HolderId>, names: &Names) -> Value {
             "method": "first",
             "number": 1,
             "standbyNamesPre": [names.cluster_of(s)],
+            // Local pods must never stand in for the other region.
+            "maxStandbyNamesFromCluster": 0,
+            "standbyNamesPost": [],
             "dataDurability": "required",
         }),
         None => Value::Null,
     }
+}
+
+/// Whether the Cluster's spec already asks CNPG for exactly what
+/// [`set_standby_patch`] would write for `standby`.
+pub fn spec_requires(obj: &DynamicObject, standby: Option<&HolderId>, names: &Names) -> bool {
+    let current = obj
+        .data
+        .get("spec")
+        .and_then(|s| s.get("postgresql"))
+        .and_then(|p| p.get("synchronous"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    current == synchronous_for(standby, names)
 }
 
 /// Merge patch: fence every instance.
@@ -433,7 +468,7 @@ mod tests {
 
     #[test]
     fn observation_table() {
-        let sync_a = json!({"method": "first", "number": 1, "standbyNamesPre": ["pg-a"], "dataDurability": "required"});
+        let sync_a = json!({"method": "first", "number": 1, "standbyNamesPre": ["pg-a"], "maxStandbyNamesFromCluster": 0, "dataDurability": "required"});
         let cases: Vec<(&str, Value, DbState)> = vec![
             (
                 "plain cluster is primary",
@@ -581,12 +616,60 @@ mod tests {
             ),
             (
                 "requires itself (inherited)",
-                json!({"spec": {"postgresql": {"synchronous": {"method": "first", "number": 1, "standbyNamesPre": ["pg-b"]}}}}),
+                json!({"spec": {"postgresql": {"synchronous": {"method": "first", "number": 1, "standbyNamesPre": ["pg-b"], "maxStandbyNamesFromCluster": 0}}}}),
                 DbState {
                     primary: true,
                     fenced: false,
                     epoch: Epoch(0),
                     required_standby: Some(h("b")),
+                    peer_attached: true,
+                    replay_lsn: None,
+                },
+            ),
+            (
+                "local pods may stand in for the peer (maxStandbyNamesFromCluster unset)",
+                json!({"spec": {"postgresql": {"synchronous": {"method": "first", "number": 1, "standbyNamesPre": ["pg-a"]}}}}),
+                DbState {
+                    primary: true,
+                    fenced: false,
+                    epoch: Epoch(0),
+                    required_standby: None,
+                    peer_attached: true,
+                    replay_lsn: None,
+                },
+            ),
+            (
+                "local pods may stand in for the peer (maxStandbyNamesFromCluster 1)",
+                json!({"spec": {"postgresql": {"synchronous": {"method": "first", "number": 1, "standbyNamesPre": ["pg-a"], "maxStandbyNamesFromCluster": 1}}}}),
+                DbState {
+                    primary: true,
+                    fenced: false,
+                    epoch: Epoch(0),
+                    required_standby: None,
+                    peer_attached: true,
+                    replay_lsn: None,
+                },
+            ),
+            (
+                "another standby listed after",
+                json!({"spec": {"postgresql": {"synchronous": {"method": "first", "number": 1, "standbyNamesPre": ["pg-a"], "maxStandbyNamesFromCluster": 0, "standbyNamesPost": ["x"]}}}}),
+                DbState {
+                    primary: true,
+                    fenced: false,
+                    epoch: Epoch(0),
+                    required_standby: None,
+                    peer_attached: true,
+                    replay_lsn: None,
+                },
+            ),
+            (
+                "two names before",
+                json!({"spec": {"postgresql": {"synchronous": {"method": "first", "number": 1, "standbyNamesPre": ["pg-a", "x"], "maxStandbyNamesFromCluster": 0}}}}),
+                DbState {
+                    primary: true,
+                    fenced: false,
+                    epoch: Epoch(0),
+                    required_standby: None,
                     peer_attached: true,
                     replay_lsn: None,
                 },
@@ -691,6 +774,10 @@ mod tests {
         let mut obj = cluster(json!({"spec": {}}));
         merge(&mut obj.data, &p);
         assert_eq!(required_standby(&obj, &names()), Some(h("a")));
+        assert!(spec_requires(&obj, Some(&h("a")), &names()));
+        assert!(!spec_requires(&obj, None, &names()));
+        assert!(!spec_requires(&obj, Some(&h("b")), &names()));
+        assert!(spec_requires(&cluster(json!({"spec": {}})), None, &names()));
         assert!(set_standby_patch(None, &names())["spec"]["postgresql"]["synchronous"].is_null());
         let u = unfence_patch(None, &names());
         assert!(u["metadata"]["annotations"][ANNOTATION_FENCED].is_null());

@@ -49,6 +49,7 @@ use super::crd::{
     Condition, Continuum, ContinuumStatus, FailoverMode, LastFailover, LastSwitchover, SpecError,
     SyncPolicySpec,
 };
+use super::dbfacts;
 
 /// Controller settings that are not per resource.
 #[derive(Debug, Clone)]
@@ -63,6 +64,9 @@ pub struct ControllerConfig {
     pub margin: Duration,
     /// Event reporter instance (pod name).
     pub instance: String,
+    /// How often a steady primary re-records its metadata (with a
+    /// `connectionSecretRef`, for a current confirmed LSN).
+    pub meta_refresh: Duration,
 }
 
 /// Errors of one reconcile (the decision loop itself never fails: actions
@@ -73,6 +77,8 @@ pub enum Error {
     Spec(#[from] SpecError),
     #[error("witness TLS secret {0}: {1}")]
     Tls(String, String),
+    #[error("database connection secret {0}: {1}")]
+    Connection(String, String),
     #[error("quorum client: {0}")]
     Quorum(String),
     #[error("status update: {0}")]
@@ -86,6 +92,7 @@ impl Error {
         match self {
             Self::Spec(e) => e.label(),
             Self::Tls(..) => "tls_secret",
+            Self::Connection(..) => "connection_secret",
             Self::Quorum(_) => "quorum_config",
             Self::Status(_) => "status_update",
             Self::Finalizer(_) => "finalizer_update",
@@ -105,6 +112,8 @@ pub struct Metrics {
     pub epoch: IntGaugeVec,
     pub primary: IntGaugeVec,
     pub fenced: IntGaugeVec,
+    /// Per Continuum and peer region.
+    pub peer_reachable: IntGaugeVec,
 }
 
 impl Metrics {
@@ -147,6 +156,16 @@ impl Metrics {
             "continuum_cnpg_cluster_fenced",
             "1 while this region's Cluster is fenced.",
         )?;
+        let peer_reachable = IntGaugeVec::new(
+            Opts::new(
+                "continuum_cnpg_peer_reachable",
+                "1 while the peer region shows life: it holds the lease at a majority \
+                 (seen by a standby), or its Cluster streams from this primary (needs \
+                 connectionSecretRef); 0 when it does not; absent when unknown.",
+            ),
+            &["continuum", "peer"],
+        )?;
+        registry.register(Box::new(peer_reachable.clone()))?;
         for c in [&actions, &action_errors, &reconcile_errors] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -161,6 +180,7 @@ impl Metrics {
             epoch,
             primary,
             fenced,
+            peer_reachable,
         })
     }
 }
@@ -180,7 +200,15 @@ struct Runner {
     grant: watch::Sender<Option<Grant>>,
     renewer: Option<JoinHandle<()>>,
     recorded: Option<LeaseMeta>,
+    /// When `recorded` was stored at the witnesses.
+    recorded_at: Option<std::time::Instant>,
     meta_seq: u64,
+    /// libpq connection string from `connectionSecretRef`, if the spec names one.
+    db_conn: Option<String>,
+    /// The standby the running primary was last seen to require (`None`
+    /// before the first successful read; see [`dbfacts::with_facts`]).
+    applied_standby: Option<Option<HolderId>>,
+    meta_refresh: Duration,
     /// When this region took the lease as a standby (failover start).
     acquired_at: Option<(Timestamp, Instant)>,
     last_failover: Option<LastFailover>,
@@ -310,6 +338,47 @@ async fn tls_secret(ctx: &Ctx, ns: &str, cr: &Continuum) -> Result<(String, TlsM
     Ok((s.metadata.resource_version.unwrap_or_default(), tls))
 }
 
+/// Reads the database connection string of `connectionSecretRef`: its
+/// resourceVersion and the string.
+async fn connection_secret(
+    ctx: &Ctx,
+    ns: &str,
+    r: &super::crd::SecretKeyRef,
+) -> Result<(String, String), Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let s = secrets
+        .get(&r.name)
+        .await
+        .map_err(|e| Error::Connection(r.name.clone(), e.to_string()))?;
+    let raw = s
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&r.key))
+        .ok_or_else(|| Error::Connection(r.name.clone(), format!("missing key {}", r.key)))?;
+    let conn = String::from_utf8(raw.0.clone())
+        .map_err(|_| Error::Connection(r.name.clone(), format!("key {} is not UTF-8", r.key)))?;
+    Ok((s.metadata.resource_version.unwrap_or_default(), conn))
+}
+
+/// The witness TLS material and the optional database connection string,
+/// with one version string covering both Secrets.
+async fn secrets_for(
+    ctx: &Ctx,
+    ns: &str,
+    cr: &Continuum,
+    conn_ref: Option<&super::crd::SecretKeyRef>,
+) -> Result<(String, TlsMaterial, Option<String>), Error> {
+    let (tls_rv, tls) = tls_secret(ctx, ns, cr).await?;
+    let (conn_rv, conn) = match conn_ref {
+        Some(r) => {
+            let (rv, c) = connection_secret(ctx, ns, r).await?;
+            (rv, Some(c))
+        }
+        None => (String::new(), None),
+    };
+    Ok((format!("{tls_rv}|{conn_rv}"), tls, conn))
+}
+
 /// Builds the quorum client for the spec's witnesses.
 fn quorum_client(
     ctx: &Ctx,
@@ -376,14 +445,26 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
             return Ok(r.clone());
         }
         if same_spec {
-            let (rv, _) = tls_secret(ctx, &ns, cr).await?;
+            let (rv, _, _) = secrets_for(
+                ctx,
+                &ns,
+                cr,
+                sides.local_cnpg.connection_secret_ref.as_ref(),
+            )
+            .await?;
             if rv == guard.secret_rv {
                 guard.secret_checked = Instant::now();
                 return Ok(r.clone());
             }
         }
     }
-    let (secret_rv, tls) = tls_secret(ctx, &ns, cr).await?;
+    let (secret_rv, tls, db_conn) = secrets_for(
+        ctx,
+        &ns,
+        cr,
+        sides.local_cnpg.connection_secret_ref.as_ref(),
+    )
+    .await?;
     let quorum = quorum_client(ctx, cr, &tls, ttl)?;
     let lease = LeaseName::new(format!("continuum/{ns}/{name}"))
         .map_err(|e| SpecError::LeaseName(e.to_string()))?;
@@ -414,7 +495,11 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
         grant: grant_tx,
         renewer: None,
         recorded: None,
+        recorded_at: None,
         meta_seq: 0,
+        db_conn,
+        applied_standby: None,
+        meta_refresh: ctx.cfg.meta_refresh,
         acquired_at: None,
         last_failover: None,
         last_switchover: None,
@@ -482,6 +567,8 @@ async fn fence_guard(
 /// What one tick saw.
 struct Seen {
     db: Option<DbState>,
+    /// The running database, when a connection is configured and answered.
+    facts: Option<dbfacts::DbFacts>,
     cluster: Option<DynamicObject>,
     view: Option<MajorityView>,
     held: Option<Held>,
@@ -501,7 +588,37 @@ impl Runner {
                 None
             }
         };
-        let db = cluster.as_ref().map(|c| cnpg::observe(c, &self.names));
+        let facts = match &self.db_conn {
+            Some(conn) => {
+                let bound =
+                    (self.ttl / 2).clamp(Duration::from_millis(200), Duration::from_secs(2));
+                match tokio::time::timeout(bound, dbfacts::read(conn, &self.names.peer_cluster))
+                    .await
+                {
+                    Ok(Ok(f)) => {
+                        self.applied_standby = Some(dbfacts::applied_standby(&f, &self.names));
+                        Some(f)
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(continuum = %self.key, error = %e, "database not answering");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::debug!(continuum = %self.key, "database did not answer within {bound:?}");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let db = cluster.as_ref().map(|c| {
+            let d = cnpg::observe(c, &self.names);
+            if self.db_conn.is_some() {
+                dbfacts::with_facts(d, facts.as_ref(), self.applied_standby.as_ref())
+            } else {
+                d
+            }
+        });
         let view = match self.quorum.read_majority(&self.lease).await {
             Ok(v) => Some(v),
             Err(e) => {
@@ -511,9 +628,11 @@ impl Runner {
         };
         if held.is_none_or(|h| now >= h.deadline) {
             self.recorded = None;
+            self.recorded_at = None;
         }
         Seen {
             db,
+            facts,
             cluster,
             view,
             held,
@@ -584,6 +703,7 @@ impl Runner {
                 }
                 let released = self.quorum.release(&grant).await;
                 self.recorded = None;
+                self.recorded_at = None;
                 self.released_for_handover = Some(std::time::Instant::now());
                 if let Some(ls) = self.last_switchover.as_mut() {
                     ls.released_at = Some(rfc3339(Timestamp::now()));
@@ -633,13 +753,46 @@ impl Runner {
             rejoin: false,
             may_adopt: !self.held_once
                 && self.adopt_tried_at.is_none_or(|t| t.elapsed() >= self.ttl),
+            // Only a connection brings a confirmed LSN worth refreshing.
+            meta_refresh_due: seen.facts.is_some()
+                && self
+                    .recorded_at
+                    .is_some_and(|t| t.elapsed() >= self.meta_refresh),
         })
+    }
+
+    /// With a connection, a spec change CNPG has not applied to the running
+    /// primary yet is waited for, not patched again every tick.
+    fn awaiting_cnpg(&self, seen: &Seen, action: Action) -> Action {
+        match (&action, &self.db_conn, seen.cluster.as_ref()) {
+            (Action::SetRequiredStandby { standby }, Some(_), Some(obj))
+                if cnpg::spec_requires(obj, standby.as_ref(), &self.names) =>
+            {
+                Action::Wait {
+                    reason: "waiting for CloudNativePG to apply the synchronous standby to the running primary",
+                }
+            }
+            _ => action,
+        }
+    }
+
+    /// The confirmed LSN to record with `sync_standby`: what the peer has
+    /// applied, when it is the synchronous standby and the server said so.
+    fn confirmed_lsn(&self, seen: &Seen, sync_standby: Option<&HolderId>) -> Option<u64> {
+        if sync_standby != Some(&self.names.peer) {
+            return None;
+        }
+        match seen.facts.as_ref() {
+            Some(f) => f.peer_replay.map(|l| l.0),
+            None => self.recorded.as_ref().and_then(|m| m.confirmed_lsn),
+        }
     }
 
     /// Starts holding `g` (taken or adopted): renewer, fence guard input,
     /// and, for a standby, the failover start and a handover's token.
     fn hold(&mut self, g: Grant, seen: &Seen) {
         self.recorded = None;
+        self.recorded_at = None;
         self.released_for_handover = None;
         self.held_once = true;
         if seen.db.as_ref().is_some_and(|d| !d.primary) {
@@ -749,11 +902,19 @@ impl Runner {
                     .await
                     .map_err(cnpg_err)?;
                 let (started, t0) = self.acquired_at.take().unwrap_or((now, Instant::now()));
+                // This server's replay position just before the promotion,
+                // else what the old primary last confirmed.
                 let lsn = seen
-                    .view
+                    .facts
                     .as_ref()
-                    .and_then(|v| v.meta.as_ref())
-                    .and_then(|(_, m)| m.confirmed_lsn)
+                    .and_then(|f| f.replay)
+                    .map(|l| l.0)
+                    .or_else(|| {
+                        seen.view
+                            .as_ref()
+                            .and_then(|v| v.meta.as_ref())
+                            .and_then(|(_, m)| m.confirmed_lsn)
+                    })
                     .map(lsn_text);
                 self.last_failover = Some(LastFailover {
                     started_at: Some(rfc3339(started)),
@@ -812,7 +973,7 @@ impl Runner {
                 self.meta_seq += 1;
                 let meta = LeaseMeta {
                     sync_standby: sync_standby.clone(),
-                    confirmed_lsn: None,
+                    confirmed_lsn: self.confirmed_lsn(seen, sync_standby.as_ref()),
                     seq: self.meta_seq,
                     handover: handover.clone(),
                 };
@@ -821,6 +982,7 @@ impl Runner {
                     .await
                     .map_err(|e| (e.label(), e.to_string()))?;
                 self.recorded = Some(meta);
+                self.recorded_at = Some(std::time::Instant::now());
                 let to = handover.as_ref().map(|h| h.to.as_str().to_string());
                 self.switchover_t0 = Some(Instant::now());
                 self.last_switchover = Some(LastSwitchover {
@@ -844,10 +1006,11 @@ impl Runner {
                     return Err(("not_holding", "no grant to update metadata under".into()));
                 };
                 self.meta_seq += 1;
-                // CNPG does not expose the confirmed LSN on the Cluster.
+                // The Cluster does not carry the confirmed LSN; only a
+                // connection to the server does.
                 let meta = LeaseMeta {
                     sync_standby: sync_standby.clone(),
-                    confirmed_lsn: None,
+                    confirmed_lsn: self.confirmed_lsn(seen, sync_standby.as_ref()),
                     seq: self.meta_seq,
                     handover: handover.clone(),
                 };
@@ -855,9 +1018,11 @@ impl Runner {
                     .update_meta(&grant, &meta)
                     .await
                     .map_err(|e| (e.label(), e.to_string()))?;
+                let lsn = meta.confirmed_lsn.map(lsn_text);
                 self.recorded = Some(meta);
+                self.recorded_at = Some(std::time::Instant::now());
                 Ok(format!(
-                    "witnesses record synchronous standby {sync_standby:?} at epoch {}",
+                    "witnesses record synchronous standby {sync_standby:?} at epoch {} (confirmed LSN {lsn:?})",
                     grant.epoch
                 ))
             }
@@ -901,6 +1066,21 @@ fn pascal(label: &str) -> String {
         .collect()
 }
 
+/// Whether the peer region shows life, when this region can tell: holding,
+/// by the peer's Cluster streaming from this primary (read over the
+/// connection); not holding, by the peer holding the lease at a majority.
+fn peer_reachable(
+    holding: bool,
+    facts: Option<&dbfacts::DbFacts>,
+    view: Option<&MajorityView>,
+    peer: &HolderId,
+) -> Option<bool> {
+    if holding {
+        return facts.filter(|f| !f.in_recovery).map(|f| f.peer_streaming);
+    }
+    view.map(|v| !v.expired_at_majority && v.holder.as_ref().is_some_and(|(h, _)| h == peer))
+}
+
 /// The status this region's agent reports for what it saw.
 fn status_for(
     cr: &Continuum,
@@ -908,6 +1088,7 @@ fn status_for(
     seen: &Seen,
     last_failover: Option<LastFailover>,
     last_switchover: Option<LastSwitchover>,
+    recorded: Option<&LeaseMeta>,
     decision: (&str, &str),
 ) -> ContinuumStatus {
     let old = cr.status.clone().unwrap_or_default();
@@ -943,6 +1124,12 @@ fn status_for(
         observed_generation: g,
         last_failover: last_failover.or(old.last_failover.clone()),
         last_switchover: last_switchover.or(old.last_switchover.clone()),
+        synchronous_standby: recorded.map(|m| {
+            m.sync_standby
+                .as_ref()
+                .map_or_else(|| "none".to_string(), |s| s.as_str().to_string())
+        }),
+        confirmed_lsn: recorded.and_then(|m| m.confirmed_lsn).map(lsn_text),
         conditions: vec![
             condition(
                 &old.conditions,
@@ -1065,6 +1252,7 @@ pub async fn reconcile_once(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
         }
         let request = switchover_request(cr, &r.names, seen.cluster.as_ref());
         let action = r.decide_with(&seen, cr.spec.mode, cr.spec.sync_policy, request.as_ref());
+        let action = r.awaiting_cnpg(&seen, action);
         let label = action.label();
         if let Action::Wait { reason } = &action {
             if r.last_reason != *reason {
@@ -1075,10 +1263,19 @@ pub async fn reconcile_once(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
             break;
         }
         r.last_reason.clear();
+        let refresh = failover::is_meta_refresh(&action, r.recorded.as_ref());
         let t0 = Instant::now();
         let result = r.apply(&action, &seen).await;
         let ms = t0.elapsed().as_secs_f64() * 1000.0;
         match result {
+            Ok(detail) if refresh => {
+                // Every few seconds while steady: a metric, no Event.
+                ctx.metrics.actions.with_label_values(&[label, "ok"]).inc();
+                tracing::debug!(continuum = %key, action = label, took_ms = ms, detail = %detail, "lease metadata refreshed");
+                // Nothing else changed: report and wait for the next tick.
+                decision = ("wait".into(), "primary: holding the lease".into());
+                break;
+            }
             Ok(detail) => {
                 ctx.metrics.actions.with_label_values(&[label, "ok"]).inc();
                 tracing::info!(continuum = %key, action = label, ?action, took_ms = ms, detail = %detail, "failover action applied");
@@ -1130,12 +1327,28 @@ pub async fn reconcile_once(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
             .set(i64::from(d.primary));
         m.fenced.with_label_values(&[&key]).set(i64::from(d.fenced));
     }
+    let peer = r.names.peer.as_str().to_string();
+    match peer_reachable(
+        held.is_some(),
+        seen.facts.as_ref(),
+        seen.view.as_ref(),
+        &r.names.peer,
+    ) {
+        Some(up) => m
+            .peer_reachable
+            .with_label_values(&[&key, &peer])
+            .set(i64::from(up)),
+        None => {
+            let _ = m.peer_reachable.remove_label_values(&[&key, &peer]);
+        }
+    }
     let status = status_for(
         cr,
         &ctx.cfg.region,
         &seen,
         r.last_failover.clone(),
         r.last_switchover.clone(),
+        r.recorded.as_ref(),
         (&decision.0, &decision.1),
     );
     drop(r);
@@ -1348,4 +1561,105 @@ pub async fn run(ctx: Arc<Ctx>) {
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use continuum_shared::lease::Epoch;
+    use continuum_shared::pg::Lsn;
+
+    fn h(s: &str) -> HolderId {
+        HolderId::new(s).expect("valid holder")
+    }
+
+    fn view(holder: Option<&str>, expired: bool) -> MajorityView {
+        MajorityView {
+            holder: holder.map(|x| (h(x), Epoch(3))),
+            expired_at_majority: expired,
+            max_epoch: Epoch(3),
+            meta: None,
+            answered: 3,
+        }
+    }
+
+    fn facts(in_recovery: bool, streaming: bool) -> dbfacts::DbFacts {
+        dbfacts::DbFacts {
+            in_recovery,
+            synchronous_standby_names: String::new(),
+            peer_streaming: streaming,
+            peer_replay: Some(Lsn(1)),
+            replay: None,
+        }
+    }
+
+    #[test]
+    fn peer_reachable_table() {
+        let b = h("b");
+        let cases = [
+            (
+                "holding, peer streams",
+                true,
+                Some(facts(false, true)),
+                None,
+                Some(true),
+            ),
+            (
+                "holding, peer does not stream",
+                true,
+                Some(facts(false, false)),
+                None,
+                Some(false),
+            ),
+            (
+                "holding, no connection: unknown",
+                true,
+                None,
+                Some(view(Some("a"), false)),
+                None,
+            ),
+            (
+                "holding, server still in recovery: unknown",
+                true,
+                Some(facts(true, false)),
+                None,
+                None,
+            ),
+            (
+                "standby, peer holds",
+                false,
+                None,
+                Some(view(Some("b"), false)),
+                Some(true),
+            ),
+            (
+                "standby, lease expired",
+                false,
+                None,
+                Some(view(None, true)),
+                Some(false),
+            ),
+            (
+                "standby, someone else holds",
+                false,
+                None,
+                Some(view(Some("a"), false)),
+                Some(false),
+            ),
+            (
+                "standby, no majority view: unknown",
+                false,
+                None,
+                None,
+                None,
+            ),
+        ];
+        for (name, holding, f, v, want) in cases {
+            assert_eq!(
+                peer_reachable(holding, f.as_ref(), v.as_ref(), &b),
+                want,
+                "{name}"
+            );
+        }
+    }
 }

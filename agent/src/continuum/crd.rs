@@ -81,6 +81,17 @@ pub struct CnpgClusterRef {
     /// the other region lists in `standbyNamesPre` (the designated primary's
     /// `application_name`).
     pub name: String,
+    /// Optional: a Secret key holding a libpq connection string to this
+    /// Cluster's `-rw` Service, as a role with `pg_monitor` (CNPG's
+    /// `<cluster>-superuser` Secret, key `uri`, works). With it the agent
+    /// reads the *running* primary's `synchronous_standby_names` before it
+    /// records a standby as synchronous (the spec may not be applied yet),
+    /// keeps the confirmed LSN in the lease metadata current, fills
+    /// `lastFailover.lsnAtPromotion` with the replay position at promotion,
+    /// and reports whether the peer region streams. Without it the agent
+    /// trusts the Cluster's spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_secret_ref: Option<SecretKeyRef>,
 }
 
 /// A libpq connection string kept in a Secret.
@@ -158,6 +169,14 @@ pub struct ContinuumStatus {
     /// demoted old primary or as the promoted successor).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_switchover: Option<LastSwitchover>,
+    /// The synchronous standby this region recorded at the witnesses in its
+    /// current epoch (`none`: automatic promotion forbidden).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synchronous_standby: Option<String>,
+    /// The LSN the synchronous standby confirmed, as last recorded at the
+    /// witnesses (`X/Y`; needs `connectionSecretRef`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_lsn: Option<String>,
     /// Standard conditions: LeaseHeld, Fenced, Decision.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -175,7 +194,9 @@ pub struct LastFailover {
     pub completed_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
-    /// Last LSN the old primary confirmed to the witnesses (`X/Y`), if any.
+    /// This region's replay position when it was promoted (`X/Y`; read over
+    /// `connectionSecretRef`), else the last LSN the old primary confirmed
+    /// to the witnesses, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lsn_at_promotion: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -324,6 +345,7 @@ mod tests {
                     cnpg: cnpg.then(|| CnpgClusterRef {
                         namespace: None,
                         name: format!("pg-{n}"),
+                        connection_secret_ref: None,
                     }),
                     postgres: None,
                 })

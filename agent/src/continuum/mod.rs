@@ -6,6 +6,7 @@
 pub mod cnpg;
 pub mod controller;
 pub mod crd;
+pub mod dbfacts;
 pub mod switchover;
 
 use std::net::SocketAddr;
@@ -39,6 +40,11 @@ pub struct ContinuumArgs {
     /// Safety margin subtracted from every lease deadline, milliseconds.
     #[arg(long, env = "CONTINUUM_MARGIN_MS", default_value_t = 200)]
     pub margin_ms: u64,
+    /// How often a steady primary re-records its lease metadata (confirmed
+    /// LSN) at the witnesses, milliseconds; only for Continuums whose
+    /// region names a `connectionSecretRef`.
+    #[arg(long, env = "CONTINUUM_META_REFRESH_MS", default_value_t = continuum_shared::failover::META_REFRESH.as_millis() as u64)]
+    pub meta_refresh_ms: u64,
     /// Namespace of the leader-election Lease.
     #[arg(
         long,
@@ -168,6 +174,7 @@ pub fn run(args: ContinuumArgs) -> anyhow::Result<()> {
                 max_drift: args.max_drift,
                 margin: Duration::from_millis(args.margin_ms),
                 instance: identity.clone(),
+                meta_refresh: Duration::from_millis(args.meta_refresh_ms.max(100)),
             },
             health_addr: args.health_listen,
             lease_namespace: args.lease_namespace.clone(),

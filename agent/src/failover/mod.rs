@@ -13,7 +13,7 @@
 
 pub mod admin;
 mod link;
-mod observe;
+pub(crate) mod observe;
 pub mod switchover;
 
 use std::net::SocketAddr;
@@ -114,6 +114,10 @@ pub struct FailoverArgs {
     /// Safety margin subtracted from every lease deadline, milliseconds.
     #[arg(long, env = "CONTINUUM_MARGIN_MS", default_value_t = 200)]
     pub margin_ms: u64,
+    /// How often a steady primary re-records its lease metadata at the
+    /// witnesses, so they carry a current confirmed LSN (milliseconds).
+    #[arg(long, env = "CONTINUUM_META_REFRESH_MS", default_value_t = failover::META_REFRESH.as_millis() as u64)]
+    pub meta_refresh_ms: u64,
     /// Decision loop period, milliseconds.
     #[arg(long, env = "CONTINUUM_TICK_MS", default_value_t = 100)]
     pub tick_ms: u64,
@@ -258,6 +262,8 @@ struct Runner {
     grant: watch::Sender<Option<Grant>>,
     /// Metadata stored at a majority during the current epoch.
     recorded: Option<LeaseMeta>,
+    /// When `recorded` was stored (its refresh is due [`failover::META_REFRESH`] later).
+    recorded_at: Option<std::time::Instant>,
     meta_seq: u64,
     /// This process has held the lease (the unsafe no-fence test hook only
     /// skips fences after that, so bootstrap still works).
@@ -416,6 +422,7 @@ async fn run_async(args: FailoverArgs) -> anyhow::Result<()> {
         ttl,
         grant: grant_tx,
         recorded: None,
+        recorded_at: None,
         meta_seq: 0,
         held_once: false,
         adopt_tried_at: None,
@@ -551,6 +558,7 @@ impl Runner {
         if held.is_none_or(|h| now >= h.deadline) {
             // A lost epoch's record is not ours any more.
             self.recorded = None;
+            self.recorded_at = None;
         }
         // The handover deadline counts from when this agent first saw the
         // intent (a restarted agent waits a full timeout again: safe, the
@@ -606,6 +614,9 @@ impl Runner {
             handover_deadline,
             rejoin: self.args.rejoin != RejoinArg::Off,
             may_adopt,
+            meta_refresh_due: self
+                .recorded_at
+                .is_some_and(|t| t.elapsed() >= Duration::from_millis(self.args.meta_refresh_ms)),
         })
     }
 
@@ -648,6 +659,10 @@ impl Runner {
             "max_epoch": view.map(|v| v.max_epoch.0),
             "holder": view.and_then(|v| v.holder.as_ref()).map(|(h, e)| serde_json::json!({"region": h.as_str(), "epoch": e.0})),
             "handover": handover,
+            "recorded": self.recorded.as_ref().map(|m| serde_json::json!({
+                "sync_standby": m.sync_standby.as_ref().map(|s| s.as_str()),
+                "confirmed_lsn": m.confirmed_lsn.map(|l| continuum_shared::pg::Lsn(l).to_string()),
+            })),
             "last_handover": self.handover_marks,
             "waiting": self.last_wait,
         });
@@ -669,11 +684,16 @@ impl Runner {
 
     async fn apply(&mut self, action: Action) {
         let label = action.label();
+        let refresh = failover::is_meta_refresh(&action, self.recorded.as_ref());
         let t0 = Instant::now();
         let result = self.apply_inner(&action).await;
         let ms = t0.elapsed().as_secs_f64() * 1000.0;
         self.metrics.actions.with_label_values(&[label]).inc();
         match result {
+            Ok(detail) if refresh => {
+                // Every few seconds while steady: not worth an info line.
+                tracing::debug!(action = label, took_ms = ms, detail = %detail, "lease metadata refreshed");
+            }
             Ok(detail) => {
                 tracing::info!(action = label, ?action, took_ms = ms, detail = %detail, "failover action applied");
                 self.write_status(label, &detail);
@@ -696,6 +716,7 @@ impl Runner {
     /// some of them: it is written again).
     fn hold(&mut self, g: Grant) {
         self.recorded = None;
+        self.recorded_at = None;
         self.held_once = true;
         self.grant.send_replace(Some(g.clone()));
         tokio::spawn(crate::lease_guard::renewer(
@@ -749,6 +770,7 @@ impl Runner {
                 self.grant.send_replace(None);
                 let released = self.client.release(&grant).await;
                 self.recorded = None;
+                self.recorded_at = None;
                 self.handover_marks["released_at_unix_ms"] = serde_json::json!(unix_ms());
                 Ok(format!(
                     "{reason}; epoch {} released at {released} witness(es)",
@@ -871,6 +893,7 @@ impl Runner {
                     .await
                     .map_err(|e| (e.label(), e.to_string()))?;
                 self.recorded = Some(meta);
+                self.recorded_at = Some(std::time::Instant::now());
                 if let Some(h) = handover {
                     // The request is now a durable intent at the witnesses.
                     self.admin.lock().unwrap_or_else(|e| e.into_inner()).request = None;
