@@ -939,6 +939,32 @@ tests:
         alertname: ContinuumSourcesNotPivoted
         exp_alerts:
           - exp_labels: {severity: warning, namespace: continuum-system, job: continuum-source-pivot-metrics, kind: HelmRepository}
+  # ContinuumNoLeader: both `run` replicas scraped and following (== 0 arm),
+  # no `continuum` replica exporting its gauge at all (absent arm, job label).
+  - interval: 1m
+    input_series:
+      - series: 'continuum_agent_leader{namespace="continuum-system",job="continuum-agent-metrics",pod="a"}'
+        values: '0x10'
+      - series: 'continuum_agent_leader{namespace="continuum-system",job="continuum-agent-metrics",pod="b"}'
+        values: '0x10'
+    alert_rule_test:
+      - {eval_time: 1m, alertname: ContinuumNoLeader, exp_alerts: []}
+      - eval_time: 3m
+        alertname: ContinuumNoLeader
+        exp_alerts:
+          - exp_labels: {severity: critical, namespace: continuum-system, job: continuum-agent-metrics}
+          - exp_labels: {severity: critical, job: continuum-failover-metrics}
+  # One leader each: quiet.
+  - interval: 1m
+    input_series:
+      - series: 'continuum_agent_leader{namespace="continuum-system",job="continuum-agent-metrics",pod="a"}'
+        values: '1x10'
+      - series: 'continuum_agent_leader{namespace="continuum-system",job="continuum-agent-metrics",pod="b"}'
+        values: '0x10'
+      - series: 'continuum_failover_controller_leader{namespace="continuum-system",job="continuum-failover-metrics",pod="f"}'
+        values: '1x10'
+    alert_rule_test:
+      - {eval_time: 5m, alertname: ContinuumNoLeader, exp_alerts: []}
 "#;
 
 #[test]
