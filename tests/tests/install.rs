@@ -28,6 +28,7 @@ const RENDERS: &[&str] = &[
     "manifests/overlays/witness-site",
     "manifests/components/monitoring",
     "manifests/components/source-pivot",
+    "manifests/components/flux-source-access",
 ];
 const DEFAULT_RENDERS: &[&str] = &["manifests/base", "manifests/witness"];
 
@@ -400,6 +401,104 @@ fn network_policies_deny_by_default_and_open_only_each_pods_ports() {
             }
         }
     }
+}
+
+/// `kubectl kustomize` of a throw-away overlay: manifests/base plus `components`.
+fn render_base_with(kubectl: &str, components: &[&str]) -> Vec<Value> {
+    // kustomize refuses absolute paths: a directory two levels below the
+    // repository root, referring to ../../manifests/...
+    let parent = repo_root().join("target");
+    std::fs::create_dir_all(&parent).expect("target dir");
+    let dir = tempfile::tempdir_in(&parent).expect("tempdir");
+    let rel = |p: &str| format!("../../{p}");
+    let mut text = format!(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\ncomponents:\n",
+        rel("manifests/base")
+    );
+    for c in components {
+        text.push_str(&format!("  - {}\n", rel(c)));
+    }
+    std::fs::write(dir.path().join("kustomization.yaml"), text).expect("write overlay");
+    let out = Command::new(kubectl)
+        .arg("kustomize")
+        .arg(dir.path())
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize base + {components:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_docs(&String::from_utf8(out.stdout).expect("utf-8 render"))
+}
+
+/// Flux's own policies in flux-system (`allow-egress`: ingress only from
+/// flux-system pods) would stop the Flux guard's artifact fetch;
+/// components/flux-source-access admits exactly the `run` pods to
+/// source-controller's artifact port, and the agent's egress allows it.
+#[test]
+fn flux_source_access_admits_only_the_flux_guard_to_source_controller() {
+    let Some(k) = kubectl() else { return };
+    // The default render leaves flux-system alone.
+    let (base, _) = render(k, "manifests/base");
+    assert!(
+        base.iter()
+            .all(|o| o["metadata"]["namespace"] != "flux-system"),
+        "manifests/base writes into flux-system"
+    );
+    let objs = render_base_with(k, &["manifests/components/flux-source-access"]);
+    let in_flux: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["metadata"]["namespace"] == "flux-system")
+        .collect();
+    assert_eq!(in_flux.len(), 1, "one object in flux-system: {in_flux:?}");
+    let p = in_flux[0];
+    assert_eq!(kind(p), "NetworkPolicy");
+    let spec = &p["spec"];
+    assert_eq!(
+        spec["podSelector"]["matchLabels"],
+        serde_json::json!({"app": "source-controller"})
+    );
+    // Ingress only: source-controller's egress stays as Flux's policies have it.
+    assert_eq!(spec["policyTypes"], serde_json::json!(["Ingress"]));
+    let rules = spec["ingress"].as_array().expect("ingress");
+    assert_eq!(rules.len(), 1);
+    let ports: Vec<i64> = rules[0]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["port"].as_i64())
+        .collect();
+    assert_eq!(ports, [9090], "source-controller's `http` container port");
+    let from = rules[0]["from"].as_array().expect("from");
+    assert_eq!(from.len(), 1);
+    assert_eq!(
+        from[0]["namespaceSelector"]["matchLabels"],
+        serde_json::json!({"kubernetes.io/metadata.name": "continuum-system"})
+    );
+    for w in workloads(&objs) {
+        let labels = &w["spec"]["template"]["metadata"]["labels"];
+        assert_eq!(w["metadata"]["namespace"], "continuum-system");
+        assert_eq!(
+            selects(&from[0]["podSelector"], labels),
+            name(w) == "continuum-agent",
+            "{} admitted to source-controller",
+            name(w)
+        );
+    }
+    // The agent's own egress allows the same port.
+    let agent = of_kind(&objs, "Deployment")
+        .find(|d| name(d) == "continuum-agent")
+        .expect("agent Deployment");
+    let labels = &agent["spec"]["template"]["metadata"]["labels"];
+    let egress: BTreeSet<i64> = of_kind(&objs, "NetworkPolicy")
+        .filter(|p| p["metadata"]["namespace"] == "continuum-system")
+        .filter(|p| selects(&p["spec"]["podSelector"], labels))
+        .flat_map(|p| p["spec"]["egress"].as_array().into_iter().flatten())
+        .flat_map(|r| r["ports"].as_array().into_iter().flatten())
+        .filter_map(|p| p["port"].as_i64())
+        .collect();
+    assert!(egress.contains(&9090), "agent egress ports {egress:?}");
 }
 
 /// `<bin> <subcommand...> --help` text, and whether `<bin> <args...> --help`
