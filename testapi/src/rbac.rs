@@ -1,11 +1,17 @@
-//! RBAC: a ClusterRole loaded from `manifests/` decides every non-admin request.
+//! RBAC: the ClusterRoles and Roles loaded from `manifests/` decide every
+//! non-admin request. A Role's rules apply only to requests in its namespace
+//! (as kube-apiserver's RBAC authorizer binds them through a RoleBinding).
 
 use serde::Deserialize;
 
-/// One `rules[]` entry of a ClusterRole.
+/// One `rules[]` entry of a ClusterRole or Role.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyRule {
+    /// `Some(ns)` for a Role's rule: it grants only requests in `ns`;
+    /// `None` for a ClusterRole's (cluster-wide binding).
+    #[serde(skip)]
+    pub namespace: Option<String>,
     #[serde(default)]
     pub api_groups: Vec<String>,
     #[serde(default)]
@@ -16,9 +22,17 @@ pub struct PolicyRule {
     pub resource_names: Vec<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+struct Meta {
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 struct RoleDoc {
     kind: Option<String>,
+    #[serde(default)]
+    metadata: Meta,
     #[serde(default)]
     rules: Vec<PolicyRule>,
 }
@@ -30,11 +44,14 @@ pub enum RbacError {
     Read(String, std::io::Error),
     #[error("parsing ClusterRole YAML: {0}")]
     Yaml(#[from] serde_yaml::Error),
-    #[error("no ClusterRole document found")]
+    #[error("no ClusterRole or Role document found")]
     NoRole,
+    #[error("Role {0} has no metadata.namespace")]
+    RoleWithoutNamespace(String),
 }
 
-/// Rules of every `kind: ClusterRole` document in a (multi-document) YAML text.
+/// Rules of every `kind: ClusterRole` and `kind: Role` document in a
+/// (multi-document) YAML text; a Role's rules carry its namespace.
 pub fn rules_from_yaml(text: &str) -> Result<Vec<PolicyRule>, RbacError> {
     let mut rules = Vec::new();
     let mut found = false;
@@ -44,9 +61,24 @@ pub fn rules_from_yaml(text: &str) -> Result<Vec<PolicyRule>, RbacError> {
             continue;
         }
         let role: RoleDoc = serde_yaml::from_value(value)?;
-        if role.kind.as_deref() == Some("ClusterRole") {
-            found = true;
-            rules.extend(role.rules);
+        match role.kind.as_deref() {
+            Some("ClusterRole") => {
+                found = true;
+                rules.extend(role.rules);
+            }
+            Some("Role") => {
+                let Some(ns) = role.metadata.namespace else {
+                    return Err(RbacError::RoleWithoutNamespace(
+                        role.metadata.name.unwrap_or_default(),
+                    ));
+                };
+                found = true;
+                rules.extend(role.rules.into_iter().map(|r| PolicyRule {
+                    namespace: Some(ns.clone()),
+                    ..r
+                }));
+            }
+            _ => {}
         }
     }
     if !found {
@@ -55,14 +87,15 @@ pub fn rules_from_yaml(text: &str) -> Result<Vec<PolicyRule>, RbacError> {
     Ok(rules)
 }
 
-/// Rules from a ClusterRole file.
+/// Rules from a ClusterRole / Role file.
 pub fn rules_from_file(path: &std::path::Path) -> Result<Vec<PolicyRule>, RbacError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| RbacError::Read(path.display().to_string(), e))?;
     rules_from_yaml(&text)
 }
 
-/// Whether `rules` allow `verb` on `group`/`resource[/subresource]` (named `name` if any).
+/// Whether `rules` allow `verb` on `group`/`resource[/subresource]` (named
+/// `name` if any) for a cluster-wide request: only ClusterRole rules count.
 pub fn allows(
     rules: &[PolicyRule],
     verb: &str,
@@ -71,11 +104,26 @@ pub fn allows(
     sub: Option<&str>,
     name: Option<&str>,
 ) -> bool {
+    allows_in(rules, verb, group, resource, sub, None, name)
+}
+
+/// [`allows`] for a request in `namespace` (`None`: cluster-scoped, or a
+/// list/watch across all namespaces): a Role's rule counts only in its own.
+pub fn allows_in(
+    rules: &[PolicyRule],
+    verb: &str,
+    group: &str,
+    resource: &str,
+    sub: Option<&str>,
+    namespace: Option<&str>,
+    name: Option<&str>,
+) -> bool {
     let full = match sub {
         Some(s) => format!("{resource}/{s}"),
         None => resource.to_string(),
     };
     rules.iter().any(|r| {
+        let ns_ok = r.namespace.is_none() || r.namespace.as_deref() == namespace;
         let verb_ok = r.verbs.iter().any(|v| v == "*" || v == verb);
         let group_ok = r.api_groups.iter().any(|g| g == "*" || g == group);
         let res_ok = r.resources.iter().any(|x| x == "*" || *x == full);
@@ -89,6 +137,6 @@ pub fn allows(
                 }
                 _ => false,
             };
-        verb_ok && group_ok && res_ok && name_ok
+        ns_ok && verb_ok && group_ok && res_ok && name_ok
     })
 }

@@ -292,12 +292,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         let mut st = shared.lock();
         if !admin {
             if let Some(rules) = &st.rules {
-                if !crate::rbac::allows(
+                if !crate::rbac::allows_in(
                     rules,
                     verb,
                     &route.group,
                     &route.plural,
                     route.sub.as_deref(),
+                    route.namespace.as_deref(),
                     route.name.as_deref(),
                 ) {
                     let (c, v) = forbidden(&user, verb, &route);
@@ -376,12 +377,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             .is_some_and(|n| !st.objects.contains_key(&key_of(&res, &route, n)));
     if apply_creates {
         let denied = st.rules.as_ref().is_some_and(|rules| {
-            !crate::rbac::allows(
+            !crate::rbac::allows_in(
                 rules,
                 "create",
                 &route.group,
                 &route.plural,
                 None,
+                route.namespace.as_deref(),
                 route.name.as_deref(),
             )
         });

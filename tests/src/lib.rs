@@ -17,5 +17,6 @@ pub mod pdns_proc;
 pub mod pg_proc;
 pub mod pki;
 pub mod prometheus_proc;
+pub mod rbac_proof;
 pub mod wg_proc;
 pub mod witness_proc;

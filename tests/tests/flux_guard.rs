@@ -7,7 +7,7 @@
 //! only older versions. The API server refuses that CRD update, Helm rolls back,
 //! and the rollback deletes every Flux controller.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,6 +23,7 @@ use continuum_agent::flux_guard::source::GuardedHr;
 use continuum_agent::flux_guard::{self as fg, chart, crd, Config};
 use continuum_agent::hr_recovery;
 use continuum_testapi::{rbac, PolicyRule, ResourceSpec, TestApi};
+use continuum_tests::rbac_proof;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{json, Value};
@@ -1660,73 +1661,16 @@ async fn rbac_scenario(rules: Vec<PolicyRule>) -> Vec<continuum_testapi::Request
     s.requests()
 }
 
-fn triples(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
-    rules
-        .iter()
-        .flat_map(|r| {
-            r.api_groups.iter().flat_map(move |g| {
-                r.resources.iter().flat_map(move |res| {
-                    r.verbs
-                        .iter()
-                        .map(move |v| (g.clone(), res.clone(), v.clone()))
-                })
-            })
-        })
-        // Checked by the real API server's escalation prevention, invisible to the test server.
-        .filter(|(_, _, v)| v != "escalate" && v != "bind")
-        .collect()
-}
+/// Checked by the real API server's escalation prevention, invisible to the test server.
+const EXEMPT: &[&str] = &["escalate", "bind"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_role_is_sufficient_and_minimal() {
     let rules = rules();
     let recorded = rbac_scenario(rules.clone()).await;
-    let denied: Vec<_> = recorded.iter().filter(|r| r.code == 403).collect();
-    assert!(denied.is_empty(), "the ClusterRole lacks {denied:?}");
-    let used: BTreeSet<(String, String, String)> = recorded
-        .iter()
-        .map(|r| {
-            (
-                r.group.clone(),
-                r.subresource
-                    .as_ref()
-                    .map_or(r.resource.clone(), |s| format!("{}/{s}", r.resource)),
-                r.verb.clone(),
-            )
-        })
-        .collect();
-    let granted = triples(&rules);
-    assert_eq!(
-        used,
-        granted,
-        "granted but unused: {:?}; used but not granted: {:?}",
-        granted.difference(&used).collect::<Vec<_>>(),
-        used.difference(&granted).collect::<Vec<_>>()
-    );
-
+    rbac_proof::assert_sufficient_and_used(&rules, &recorded, EXEMPT);
     // Remove any single verb: the scenario hits a 403, so a missing rule cannot go
     // unnoticed. The scenarios are independent (own API server, own HTTP server):
     // run them eight at a time.
-    let cases: Vec<(usize, String)> = rules
-        .iter()
-        .enumerate()
-        .flat_map(|(i, r)| r.verbs.iter().map(move |v| (i, v.clone())))
-        .filter(|(_, v)| v != "escalate" && v != "bind")
-        .collect();
-    for chunk in cases.chunks(8) {
-        let runs = chunk.iter().map(|(i, verb)| {
-            let mut fewer = rules.clone();
-            fewer[*i].verbs.retain(|v| v != verb);
-            rbac_scenario(fewer)
-        });
-        let results = futures::future::join_all(runs).await;
-        for ((i, verb), recorded) in chunk.iter().zip(results) {
-            assert!(
-                recorded.iter().any(|r| r.code == 403 && &r.verb == verb),
-                "removing {verb} on {:?} {:?} went unnoticed",
-                rules[*i].resources,
-                rules[*i].resource_names
-            );
-        }
-    }
+    rbac_proof::assert_each_verb_needed(&rules, EXEMPT, 8, rbac_scenario).await;
 }

@@ -1,7 +1,6 @@
 //! Stuck HelmRelease recovery against the strict test API server, loaded with
 //! the ClusterRole from manifests/rbac/hr-recovery.yaml.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,6 +13,7 @@ use continuum_agent::hr_recovery::metrics::Metrics;
 use continuum_agent::hr_recovery::pass::{run_once, PassReport};
 use continuum_agent::hr_recovery::{self as hr, Config};
 use continuum_testapi::{rbac, PolicyRule, TestApi};
+use continuum_tests::rbac_proof;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
@@ -647,52 +647,16 @@ async fn rbac_scenario(rules: Vec<PolicyRule>) -> Vec<continuum_testapi::Request
 
 #[tokio::test]
 async fn cluster_role_is_sufficient_and_minimal() {
+    // The ClusterRole and the leader-election Role (Leases in continuum-system,
+    // get/update by name) of the file.
     let rules = rbac::rules_from_file(&role_path()).unwrap();
+    assert!(rules
+        .iter()
+        .any(|r| r.namespace.as_deref() == Some("continuum-system")
+            && r.resources == ["leases"]
+            && r.resource_names == ["continuum-agent"]));
     let recorded = rbac_scenario(rules.clone()).await;
-    let denied: Vec<_> = recorded.iter().filter(|r| r.code == 403).collect();
-    assert!(denied.is_empty(), "the ClusterRole lacks {denied:?}");
-    let used: BTreeSet<(String, String, String)> = recorded
-        .iter()
-        .map(|r| {
-            (
-                r.group.clone(),
-                r.subresource
-                    .as_ref()
-                    .map_or(r.resource.clone(), |s| format!("{}/{s}", r.resource)),
-                r.verb.clone(),
-            )
-        })
-        .collect();
-    let granted: BTreeSet<(String, String, String)> = rules
-        .iter()
-        .flat_map(|r| {
-            r.api_groups.iter().flat_map(move |g| {
-                r.resources.iter().flat_map(move |res| {
-                    r.verbs
-                        .iter()
-                        .map(move |v| (g.clone(), res.clone(), v.clone()))
-                })
-            })
-        })
-        .collect();
-    assert_eq!(
-        used,
-        granted,
-        "granted but unused: {:?}",
-        granted.difference(&used).collect::<Vec<_>>()
-    );
-
+    rbac_proof::assert_sufficient_and_used(&rules, &recorded, &[]);
     // Remove any single verb: the scenario hits a 403, so a missing rule cannot go unnoticed.
-    for (i, rule) in rules.iter().enumerate() {
-        for verb in &rule.verbs {
-            let mut fewer = rules.clone();
-            fewer[i].verbs.retain(|v| v != verb);
-            let recorded = rbac_scenario(fewer).await;
-            assert!(
-                recorded.iter().any(|r| r.code == 403 && &r.verb == verb),
-                "removing {verb} on {:?} went unnoticed",
-                rule.resources
-            );
-        }
-    }
+    rbac_proof::assert_each_verb_needed(&rules, &[], 4, rbac_scenario).await;
 }

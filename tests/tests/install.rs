@@ -28,6 +28,7 @@ const RENDERS: &[&str] = &[
     "manifests/overlays/witness-site",
     "manifests/components/monitoring",
     "manifests/components/source-pivot",
+    "manifests/components/flux-source-access",
 ];
 const DEFAULT_RENDERS: &[&str] = &["manifests/base", "manifests/witness"];
 
@@ -402,6 +403,104 @@ fn network_policies_deny_by_default_and_open_only_each_pods_ports() {
     }
 }
 
+/// `kubectl kustomize` of a throw-away overlay: manifests/base plus `components`.
+fn render_base_with(kubectl: &str, components: &[&str]) -> Vec<Value> {
+    // kustomize refuses absolute paths: a directory two levels below the
+    // repository root, referring to ../../manifests/...
+    let parent = repo_root().join("target");
+    std::fs::create_dir_all(&parent).expect("target dir");
+    let dir = tempfile::tempdir_in(&parent).expect("tempdir");
+    let rel = |p: &str| format!("../../{p}");
+    let mut text = format!(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\ncomponents:\n",
+        rel("manifests/base")
+    );
+    for c in components {
+        text.push_str(&format!("  - {}\n", rel(c)));
+    }
+    std::fs::write(dir.path().join("kustomization.yaml"), text).expect("write overlay");
+    let out = Command::new(kubectl)
+        .arg("kustomize")
+        .arg(dir.path())
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize base + {components:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_docs(&String::from_utf8(out.stdout).expect("utf-8 render"))
+}
+
+/// Flux's own policies in flux-system (`allow-egress`: ingress only from
+/// flux-system pods) would stop the Flux guard's artifact fetch;
+/// components/flux-source-access admits exactly the `run` pods to
+/// source-controller's artifact port, and the agent's egress allows it.
+#[test]
+fn flux_source_access_admits_only_the_flux_guard_to_source_controller() {
+    let Some(k) = kubectl() else { return };
+    // The default render leaves flux-system alone.
+    let (base, _) = render(k, "manifests/base");
+    assert!(
+        base.iter()
+            .all(|o| o["metadata"]["namespace"] != "flux-system"),
+        "manifests/base writes into flux-system"
+    );
+    let objs = render_base_with(k, &["manifests/components/flux-source-access"]);
+    let in_flux: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["metadata"]["namespace"] == "flux-system")
+        .collect();
+    assert_eq!(in_flux.len(), 1, "one object in flux-system: {in_flux:?}");
+    let p = in_flux[0];
+    assert_eq!(kind(p), "NetworkPolicy");
+    let spec = &p["spec"];
+    assert_eq!(
+        spec["podSelector"]["matchLabels"],
+        serde_json::json!({"app": "source-controller"})
+    );
+    // Ingress only: source-controller's egress stays as Flux's policies have it.
+    assert_eq!(spec["policyTypes"], serde_json::json!(["Ingress"]));
+    let rules = spec["ingress"].as_array().expect("ingress");
+    assert_eq!(rules.len(), 1);
+    let ports: Vec<i64> = rules[0]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["port"].as_i64())
+        .collect();
+    assert_eq!(ports, [9090], "source-controller's `http` container port");
+    let from = rules[0]["from"].as_array().expect("from");
+    assert_eq!(from.len(), 1);
+    assert_eq!(
+        from[0]["namespaceSelector"]["matchLabels"],
+        serde_json::json!({"kubernetes.io/metadata.name": "continuum-system"})
+    );
+    for w in workloads(&objs) {
+        let labels = &w["spec"]["template"]["metadata"]["labels"];
+        assert_eq!(w["metadata"]["namespace"], "continuum-system");
+        assert_eq!(
+            selects(&from[0]["podSelector"], labels),
+            name(w) == "continuum-agent",
+            "{} admitted to source-controller",
+            name(w)
+        );
+    }
+    // The agent's own egress allows the same port.
+    let agent = of_kind(&objs, "Deployment")
+        .find(|d| name(d) == "continuum-agent")
+        .expect("agent Deployment");
+    let labels = &agent["spec"]["template"]["metadata"]["labels"];
+    let egress: BTreeSet<i64> = of_kind(&objs, "NetworkPolicy")
+        .filter(|p| p["metadata"]["namespace"] == "continuum-system")
+        .filter(|p| selects(&p["spec"]["podSelector"], labels))
+        .flat_map(|p| p["spec"]["egress"].as_array().into_iter().flatten())
+        .flat_map(|r| r["ports"].as_array().into_iter().flatten())
+        .filter_map(|p| p["port"].as_i64())
+        .collect();
+    assert!(egress.contains(&9090), "agent egress ports {egress:?}");
+}
+
 /// `<bin> <subcommand...> --help` text, and whether `<bin> <args...> --help`
 /// parses (clap validates every flag and value before it reaches `--help`).
 fn help(bin: &Path, args: &[&str]) -> (bool, String) {
@@ -495,9 +594,9 @@ fn container_args_and_env_are_accepted_by_the_real_binaries() {
     assert!(checked >= 5, "only {checked} containers checked");
 }
 
-/// ClusterRoles of manifests/rbac/*.yaml, by name, and the ServiceAccounts
-/// the files bind them to.
-fn proven_rbac() -> (BTreeMap<String, Value>, Vec<String>) {
+/// ClusterRoles and Roles of manifests/rbac/*.yaml (by kind and name), and
+/// the file names.
+fn proven_rbac() -> (BTreeMap<(String, String), Value>, Vec<String>) {
     let dir = repo_root().join("manifests/rbac");
     let mut roles = BTreeMap::new();
     let mut files = Vec::new();
@@ -513,8 +612,8 @@ fn proven_rbac() -> (BTreeMap<String, Value>, Vec<String>) {
         }
         files.push(f);
         for o in parse_docs(&std::fs::read_to_string(&p).expect("read")) {
-            if kind(&o) == "ClusterRole" {
-                roles.insert(name(&o).to_string(), o);
+            if matches!(kind(&o), "ClusterRole" | "Role") {
+                roles.insert((kind(&o).to_string(), name(&o).to_string()), o);
             }
         }
     }
@@ -523,7 +622,7 @@ fn proven_rbac() -> (BTreeMap<String, Value>, Vec<String>) {
 }
 
 #[test]
-fn cluster_roles_in_the_render_are_exactly_the_proven_rbac_files() {
+fn roles_in_the_render_are_exactly_the_proven_rbac_files() {
     let (proven, files) = proven_rbac();
     // Every proven file is part of the kustomization (so it ships).
     let kust: Value = serde_json::to_value(
@@ -547,21 +646,123 @@ fn cluster_roles_in_the_render_are_exactly_the_proven_rbac_files() {
     );
     let Some(k) = kubectl() else { return };
     let (objs, _) = render(k, "manifests/base");
-    let rendered: BTreeMap<String, Value> = of_kind(&objs, "ClusterRole")
-        .map(|r| (name(r).to_string(), r.clone()))
+    let rendered: BTreeMap<(String, String), Value> = objs
+        .iter()
+        .filter(|o| matches!(kind(o), "ClusterRole" | "Role"))
+        .map(|r| ((kind(r).to_string(), name(r).to_string()), r.clone()))
         .collect();
     assert_eq!(
         rendered.keys().collect::<Vec<_>>(),
         proven.keys().collect::<Vec<_>>(),
-        "ClusterRoles shipped vs proven"
+        "roles shipped vs proven"
     );
     for (n, r) in &rendered {
-        assert_eq!(r, &proven[n], "ClusterRole {n} differs from manifests/rbac");
+        assert_eq!(r, &proven[n], "{n:?} differs from manifests/rbac");
     }
-    // No other RBAC object sneaks in.
-    for k in ["Role", "RoleBinding"] {
-        assert_eq!(of_kind(&objs, k).count(), 0, "unexpected {k}");
+    // Roles (and their bindings) live in the agents' namespace, where the
+    // leader Leases are; no ClusterRole grants Leases.
+    for o in objs
+        .iter()
+        .filter(|o| matches!(kind(o), "Role" | "RoleBinding"))
+    {
+        assert_eq!(
+            o["metadata"]["namespace"],
+            "continuum-system",
+            "{} {}",
+            kind(o),
+            name(o)
+        );
     }
+    for r in of_kind(&objs, "ClusterRole") {
+        for rule in r["rules"].as_array().into_iter().flatten() {
+            assert!(
+                !rule["apiGroups"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|g| g == "coordination.k8s.io" || g == "*"),
+                "ClusterRole {} grants Leases cluster-wide",
+                name(r)
+            );
+        }
+    }
+}
+
+/// The value of `--flag=value` in a container's args.
+fn flag<'a>(c: &'a Value, flag: &str) -> Option<&'a str> {
+    c["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .find_map(|a| a.strip_prefix(flag)?.strip_prefix('='))
+}
+
+/// Each leader-elected Deployment's Lease (its `--lease-name` /
+/// `--leader-lease`, in its own namespace) is what its ServiceAccount's
+/// Role grants: create (RBAC cannot name-limit a POST), and get/update of
+/// exactly that name.
+#[test]
+fn leader_leases_are_granted_by_name_in_the_agents_namespace() {
+    let Some(k) = kubectl() else { return };
+    let (objs, _) = render(k, "manifests/base");
+    let mut checked = 0;
+    for (deploy, lease_flag) in [
+        ("continuum-agent", "--lease-name"),
+        ("continuum-failover", "--leader-lease"),
+    ] {
+        let w = of_kind(&objs, "Deployment")
+            .find(|d| name(d) == deploy)
+            .expect("Deployment");
+        let c = containers(w)[0];
+        let lease = flag(c, lease_flag).expect("lease name flag");
+        let ns_from_pod = c["env"].as_array().into_iter().flatten().any(|e| {
+            e["name"] == "CONTINUUM_LEASE_NAMESPACE"
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+        });
+        assert!(ns_from_pod, "{deploy}: Lease namespace is not the pod's");
+        let sa = pod_spec(w)["serviceAccountName"].as_str().expect("SA");
+        let roles: Vec<&Value> = of_kind(&objs, "RoleBinding")
+            .filter(|b| {
+                b["subjects"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s["name"] == sa)
+            })
+            .filter_map(|b| of_kind(&objs, "Role").find(|r| name(r) == b["roleRef"]["name"]))
+            .collect();
+        assert_eq!(roles.len(), 1, "{deploy}: one leader-election Role");
+        let rules = roles[0]["rules"].as_array().expect("rules");
+        let grants = |verb: &str| -> Vec<Vec<String>> {
+            rules
+                .iter()
+                .filter(|r| {
+                    r["resources"] == serde_json::json!(["leases"])
+                        && r["verbs"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|v| v == verb)
+                })
+                .map(|r| {
+                    r["resourceNames"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
+                .collect()
+        };
+        assert_eq!(grants("create"), [Vec::<String>::new()], "{deploy}");
+        for verb in ["get", "update"] {
+            assert_eq!(grants(verb), [vec![lease.to_string()]], "{deploy} {verb}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
 }
 
 #[test]
@@ -571,20 +772,27 @@ fn each_service_account_is_bound_to_exactly_its_modes_roles() {
     // The Flux guard's role (when its file exists) belongs to `run`.
     let flux_guard: Vec<String> = proven
         .keys()
-        .filter(|n| n.contains("flux-guard"))
-        .cloned()
+        .filter(|(_, n)| n.contains("flux-guard"))
+        .map(|(_, n)| n.clone())
         .collect();
     let mut expected: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
     expected.insert(
         "continuum-agent",
-        ["continuum-hr-recovery".to_string()]
-            .into_iter()
-            .chain(flux_guard)
-            .collect(),
+        [
+            "continuum-hr-recovery".to_string(),
+            "Role continuum-agent-leader-election".to_string(),
+        ]
+        .into_iter()
+        .chain(flux_guard)
+        .collect(),
     );
     expected.insert(
         "continuum-failover",
-        ["continuum-failover".to_string()].into(),
+        [
+            "continuum-failover".to_string(),
+            "Role continuum-failover-leader-election".to_string(),
+        ]
+        .into(),
     );
     expected.insert(
         "continuum-node-pivot",
@@ -597,20 +805,28 @@ fn each_service_account_is_bound_to_exactly_its_modes_roles() {
 
     let (objs, _) = render(k, "manifests/overlays/example");
     let mut bound: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for b in of_kind(&objs, "ClusterRoleBinding") {
-        let role = b["roleRef"]["name"].as_str().expect("roleRef").to_string();
-        assert!(
-            of_kind(&objs, "ClusterRole").any(|r| name(r) == role),
-            "binding {} refers to a missing ClusterRole {role}",
-            name(b)
-        );
-        for s in b["subjects"].as_array().expect("subjects") {
-            assert_eq!(s["kind"], "ServiceAccount", "binding {}", name(b));
-            assert_eq!(s["namespace"], "continuum-system", "binding {}", name(b));
-            bound
-                .entry(s["name"].as_str().expect("sa").to_string())
-                .or_default()
-                .insert(role.clone());
+    for (binding, role_kind, prefix) in [
+        ("ClusterRoleBinding", "ClusterRole", ""),
+        ("RoleBinding", "Role", "Role "),
+    ] {
+        for b in of_kind(&objs, binding) {
+            let role = b["roleRef"]["name"].as_str().expect("roleRef").to_string();
+            assert_eq!(b["roleRef"]["kind"], role_kind, "{binding} {}", name(b));
+            assert!(
+                of_kind(&objs, role_kind)
+                    .any(|r| name(r) == role
+                        && r["metadata"]["namespace"] == b["metadata"]["namespace"]),
+                "{binding} {} refers to a missing {role_kind} {role}",
+                name(b)
+            );
+            for s in b["subjects"].as_array().expect("subjects") {
+                assert_eq!(s["kind"], "ServiceAccount", "binding {}", name(b));
+                assert_eq!(s["namespace"], "continuum-system", "binding {}", name(b));
+                bound
+                    .entry(s["name"].as_str().expect("sa").to_string())
+                    .or_default()
+                    .insert(format!("{prefix}{role}"));
+            }
         }
     }
     let sas: BTreeSet<&str> = of_kind(&objs, "ServiceAccount").map(name).collect();
@@ -644,6 +860,7 @@ fn each_service_account_is_bound_to_exactly_its_modes_roles() {
     let w = of_kind(&wobjs, "Deployment").next().expect("witness");
     assert_eq!(pod_spec(w)["automountServiceAccountToken"], false);
     assert_eq!(of_kind(&wobjs, "ClusterRoleBinding").count(), 0);
+    assert_eq!(of_kind(&wobjs, "RoleBinding").count(), 0);
 }
 
 #[test]
@@ -821,6 +1038,47 @@ tests:
         alertname: ContinuumSourcesNotPivoted
         exp_alerts:
           - exp_labels: {severity: warning, namespace: continuum-system, job: continuum-source-pivot-metrics, kind: HelmRepository}
+  # ContinuumNoLeader: both `run` replicas scraped and following (== 0 arm),
+  # no `continuum` replica exporting its gauge at all (absent arm, job label).
+  - interval: 1m
+    input_series:
+      - series: 'continuum_agent_leader{namespace="continuum-system",job="continuum-agent-metrics",pod="a"}'
+        values: '0x10'
+      - series: 'continuum_agent_leader{namespace="continuum-system",job="continuum-agent-metrics",pod="b"}'
+        values: '0x10'
+    alert_rule_test:
+      - {eval_time: 1m, alertname: ContinuumNoLeader, exp_alerts: []}
+      - eval_time: 3m
+        alertname: ContinuumNoLeader
+        exp_alerts:
+          - exp_labels: {severity: critical, namespace: continuum-system, job: continuum-agent-metrics}
+          - exp_labels: {severity: critical, job: continuum-failover-metrics}
+  # ContinuumRegionUnreachable from the Continuum controller: the standby
+  # region's agent sees no live holder (0), the primary's sees the peer
+  # streaming (1): only the first fires.
+  - interval: 1m
+    input_series:
+      - series: 'continuum_cnpg_peer_reachable{namespace="continuum-system",job="continuum-failover-metrics",pod="f",continuum="apps/db",peer="eu-1"}'
+        values: '1 1 0 0 0'
+      - series: 'continuum_cnpg_peer_reachable{namespace="continuum-system",job="continuum-failover-metrics",pod="g",continuum="apps/db2",peer="eu-2"}'
+        values: '1x5'
+    alert_rule_test:
+      - {eval_time: 1m, alertname: ContinuumRegionUnreachable, exp_alerts: []}
+      - eval_time: 3m
+        alertname: ContinuumRegionUnreachable
+        exp_alerts:
+          - exp_labels: {severity: critical, namespace: continuum-system, job: continuum-failover-metrics, continuum: apps/db, peer: eu-1}
+  # One leader each: quiet.
+  - interval: 1m
+    input_series:
+      - series: 'continuum_agent_leader{namespace="continuum-system",job="continuum-agent-metrics",pod="a"}'
+        values: '1x10'
+      - series: 'continuum_agent_leader{namespace="continuum-system",job="continuum-agent-metrics",pod="b"}'
+        values: '0x10'
+      - series: 'continuum_failover_controller_leader{namespace="continuum-system",job="continuum-failover-metrics",pod="f"}'
+        values: '1x10'
+    alert_rule_test:
+      - {eval_time: 5m, alertname: ContinuumNoLeader, exp_alerts: []}
 "#;
 
 #[test]

@@ -16,7 +16,8 @@ use continuum_agent::node_pivot::{self as np, Paths};
 use continuum_agent::source_pivot::git::{self, GitPivotArgs, GitPivotError};
 use continuum_agent::source_pivot::watch::{self as sw, SourceWatch};
 use continuum_agent::source_pivot::LocalHosts;
-use continuum_testapi::{ResourceSpec, TestApi};
+use continuum_testapi::{rbac, PolicyRule, RequestRecord, ResourceSpec, TestApi};
+use continuum_tests::rbac_proof;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -384,7 +385,8 @@ async fn node_pivot_flips_v1_v2_v1_and_reports() {
         "{metrics}"
     );
 
-    // The ClusterRole was sufficient: no request was refused.
+    // The ClusterRole was sufficient here too (minimality:
+    // node_pivot_role_is_sufficient_and_minimal).
     let denied: Vec<_> = s.requests().into_iter().filter(|r| r.code == 403).collect();
     assert!(denied.is_empty(), "403s: {denied:?}");
     drop(pivot);
@@ -781,6 +783,181 @@ async fn git_pivot_rewrites_commits_pushes_and_requests_reconcile() {
         gr["metadata"]["annotations"]["reconcile.fluxcd.io/requestedAt"],
         "2026-05-05T14:38:00Z"
     );
+}
+
+// ---- RBAC proofs from the request log ----
+
+/// Polls `s` until `done` holds of its requests or one is refused (403);
+/// 20 s at most (then the proof reports what was not reached).
+async fn until_done_or_denied(s: &TestApi, done: impl Fn(&[RequestRecord]) -> bool) {
+    for _ in 0..800 {
+        let r = s.requests();
+        if done(&r) || r.iter().any(|x| x.code == 403) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn ok(r: &[RequestRecord], group: &str, res: &str, verb: &str) -> bool {
+    r.iter()
+        .any(|x| x.group == group && x.resource == res && x.verb == verb && x.code < 300)
+}
+
+/// Every API call of `continuum-agent node-pivot`: the watch on the status
+/// ConfigMap (list, watch), the first report (patch: 404, then create), later
+/// reports (patch), the Node annotations (patch), Events (create; the second
+/// RegistriesYamlWritten on the same Node: patch).
+async fn node_pivot_scenario(rules: Vec<PolicyRule>) -> Vec<RequestRecord> {
+    let s = TestApi::start_with(continuum_testapi::Options {
+        rules: Some(rules),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let admin = s.admin_client().unwrap();
+    let ns = "catalyst-system";
+    let node = "node-a";
+    let nodes: Api<Node> = Api::all(admin.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": node}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(admin, ns);
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": np::DEFAULT_STATUS_CONFIGMAP, "namespace": ns},
+            "data": {np::DEFAULT_STATUS_KEY: ""},
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let target = d.path().join("registries.yaml");
+    std::fs::write(&target, "mirrors: {}\n").unwrap();
+    let map = d.path().join("mirror-map.yaml");
+    std::fs::write(&map, MAP).unwrap();
+    let secret_dir = d.path().join("secret");
+    std::fs::create_dir(&secret_dir).unwrap();
+    std::fs::write(secret_dir.join("username"), "robot$pull\n").unwrap();
+    std::fs::write(secret_dir.join("password"), "pw").unwrap();
+    let pivot = NodePivot::start(
+        s.client().unwrap(),
+        NodePivotOptions {
+            namespace: ns.into(),
+            configmap: np::DEFAULT_STATUS_CONFIGMAP.into(),
+            key: np::DEFAULT_STATUS_KEY.into(),
+            report_configmap: "continuum-node-pivot-status".into(),
+            node_name: node.into(),
+            paths: Paths {
+                target,
+                v1_file: None,
+            },
+            mirror_map: map,
+            secret_dir: Some(secret_dir),
+            health_addr: "127.0.0.1:0".parse().unwrap(),
+        },
+    )
+    .await
+    .unwrap();
+    set_key(&s, ns, "v2").await;
+    until_done_or_denied(&s, |r| {
+        ok(r, "", "configmaps", "create") && ok(r, "", "nodes", "patch")
+    })
+    .await;
+    set_key(&s, ns, "v1").await;
+    until_done_or_denied(&s, |r| {
+        ok(r, "events.k8s.io", "events", "patch") && ok(r, "", "configmaps", "patch")
+    })
+    .await;
+    drop(pivot);
+    s.requests()
+}
+
+/// manifests/rbac/node-pivot.yaml from the request log: sufficient, every
+/// grant used, each verb needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_pivot_role_is_sufficient_and_minimal() {
+    let rules = rbac::rules_from_file(&repo_root().join("manifests/rbac/node-pivot.yaml")).unwrap();
+    let recorded = node_pivot_scenario(rules.clone()).await;
+    rbac_proof::assert_sufficient_and_used(&rules, &recorded, &[]);
+    rbac_proof::assert_each_verb_needed(&rules, &[], 4, node_pivot_scenario).await;
+}
+
+/// Every API call of the source pivot's ServiceAccount: the watcher over the
+/// three Flux source kinds (list, watch), a pivot reverted twice on one
+/// HelmRepository (Event create, then patch of the repeat), and `pivot
+/// sources`' reconcile request on the GitRepository (patch).
+async fn source_pivot_scenario(rules: Vec<PolicyRule>) -> Vec<RequestRecord> {
+    let s = TestApi::start_with(continuum_testapi::Options {
+        rules: Some(rules),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    register_sources(&s);
+    let ns = "flux-system";
+    let (outside, inside) = (
+        "oci://ghcr.io/openova-io",
+        "oci://harbor.otech116.omani.works/openova-io",
+    );
+    create_source(&s, "HelmRepository", ns, "h", outside).await;
+    create_source(&s, "OCIRepository", ns, "o", inside).await;
+    create_source(
+        &s,
+        "GitRepository",
+        ns,
+        "g",
+        "http://gitea-http.gitea.svc.cluster.local:3000/g.git",
+    )
+    .await;
+    let watch = SourceWatch::start(
+        s.client().unwrap(),
+        LocalHosts(vec![
+            "harbor.otech116.omani.works".into(),
+            ".svc.cluster.local".into(),
+        ]),
+        sw::Metrics::new(&prometheus::Registry::new()).unwrap(),
+        "test".into(),
+    );
+    until_done_or_denied(&s, |_| watch.status()["sources"] == 3).await;
+    for n in 1..=2 {
+        set_url(&s, "HelmRepository", ns, "h", inside).await;
+        until_done_or_denied(&s, |_| {
+            watch.status()["external"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+        })
+        .await;
+        set_url(&s, "HelmRepository", ns, "h", outside).await;
+        until_done_or_denied(&s, |r| {
+            let events = r
+                .iter()
+                .filter(|x| x.resource == "events" && x.code < 300)
+                .count();
+            events >= n
+        })
+        .await;
+    }
+    let _ = git::request_reconcile(s.client().unwrap(), ns, "g", "2026-05-05T14:38:00Z").await;
+    drop(watch);
+    s.requests()
+}
+
+/// manifests/rbac/source-pivot.yaml from the request log: sufficient, every
+/// grant used, each verb needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_pivot_role_is_sufficient_and_minimal() {
+    let rules =
+        rbac::rules_from_file(&repo_root().join("manifests/rbac/source-pivot.yaml")).unwrap();
+    let recorded = source_pivot_scenario(rules.clone()).await;
+    rbac_proof::assert_sufficient_and_used(&rules, &recorded, &[]);
+    rbac_proof::assert_each_verb_needed(&rules, &[], 4, source_pivot_scenario).await;
 }
 
 #[test]

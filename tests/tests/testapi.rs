@@ -717,3 +717,59 @@ async fn apply_that_creates_needs_create_by_name() {
         403
     );
 }
+
+/// A Role's rules grant only inside its own namespace (as a RoleBinding
+/// does), by name where they name one; a Role without a namespace is an
+/// error, not a cluster-wide grant.
+#[tokio::test]
+async fn role_rules_apply_only_in_their_namespace() {
+    let rules = rbac::rules_from_yaml(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {name: r, namespace: a}\nrules:\n- apiGroups: [\"\"]\n  resources: [configmaps]\n  verbs: [create]\n- apiGroups: [\"\"]\n  resources: [configmaps]\n  resourceNames: [x]\n  verbs: [get, update]\n",
+    )
+    .unwrap();
+    assert!(rules.iter().all(|r| r.namespace.as_deref() == Some("a")));
+    assert!(matches!(
+        rbac::rules_from_yaml("kind: Role\nmetadata: {name: r}\nrules: []\n"),
+        Err(rbac::RbacError::RoleWithoutNamespace(n)) if n == "r"
+    ));
+    let s = TestApi::start_with(Options {
+        rules: Some(rules),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    for ns in ["a", "b"] {
+        let admin: Api<ConfigMap> = Api::namespaced(s.admin_client().unwrap(), ns);
+        admin
+            .create(&PostParams::default(), &cm("x", &[]))
+            .await
+            .unwrap();
+    }
+    let in_a: Api<ConfigMap> = Api::namespaced(s.client().unwrap(), "a");
+    let in_b: Api<ConfigMap> = Api::namespaced(s.client().unwrap(), "b");
+    let all: Api<ConfigMap> = Api::all(s.client().unwrap());
+    assert!(in_a.get("x").await.is_ok());
+    // Another name, another namespace, all namespaces: refused.
+    assert_eq!(code(in_a.get("y").await.unwrap_err()).0, 403);
+    assert_eq!(code(in_b.get("x").await.unwrap_err()).0, 403);
+    assert_eq!(
+        code(all.list(&Default::default()).await.unwrap_err()).0,
+        403
+    );
+    // create has no name in its URL: granted unnamed, in "a" only.
+    assert!(in_a
+        .create(&PostParams::default(), &cm("z", &[]))
+        .await
+        .is_ok());
+    assert_eq!(
+        code(
+            in_b.create(&PostParams::default(), &cm("z", &[]))
+                .await
+                .unwrap_err()
+        )
+        .0,
+        403
+    );
+    let x = in_a.get("x").await.unwrap();
+    assert!(in_a.replace("x", &PostParams::default(), &x).await.is_ok());
+}

@@ -3,8 +3,12 @@
 //!
 //! Figures: time from agent start to every HelmRelease reconciled once (full
 //! sync), reaction latency from the exact threshold deadline to the corrected
-//! status arriving on a watch (p50/p99/max over the stuck HelmReleases), and the
-//! agent's RSS (VmRSS and peak VmHWM from /proc). Target: rss <= 30 MB.
+//! status arriving on a watch (p50/p99/max over the stuck HelmReleases), the
+//! agent's RSS (VmRSS and peak VmHWM from /proc; target: rss <= 30 MB) and its
+//! CPU time (utime + stime from /proc/<pid>/stat): spent until the full sync,
+//! during the burst of corrections, and per second while idle afterwards
+//! (watching every HelmRelease, renewing its leader Lease): the basis of the
+//! Deployment's CPU request and limit.
 //!
 //! The agent binary is looked up next to this executable (`target/<profile>/
 //! continuum-agent`, override with `CONTINUUM_AGENT_BIN`); if missing it is built
@@ -51,6 +55,44 @@ fn rss_kb(pid: u32, field: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// CPU seconds (user + system) the process has used, from /proc/<pid>/stat.
+fn cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / clock_ticks())
+}
+
+/// USER_HZ (`getconf CLK_TCK`; 100 on every Linux this runs on).
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Idle window after the corrections (override with `CONTINUUM_BENCH_IDLE_S`):
+/// /proc counts CPU in 10 ms ticks, so 60 s resolve 0.17 millicores.
+fn idle_s() -> u64 {
+    std::env::var("CONTINUUM_BENCH_IDLE_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60)
+}
+
+/// CPU figures of one run, in CPU seconds and millicores (1000 = one core).
+struct Cpu {
+    sync_s: f64,
+    burst_s: f64,
+    burst_mcores: f64,
+    idle_mcores: f64,
 }
 
 async fn metrics_text(addr: &str) -> Option<String> {
@@ -156,11 +198,21 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
         .with_context(|| format!("spawning {}", bin.display()))?;
     let pid = child.id();
     let result = measure(&srv, &admin, &ar, &health, started, pid).await;
+    // Idle: every HelmRelease watched and corrected, nothing changing.
+    let idle = if result.is_ok() {
+        let (c0, t0) = (cpu_s(pid), Instant::now());
+        tokio::time::sleep(Duration::from_secs(idle_s())).await;
+        c0.zip(cpu_s(pid))
+            .map(|(a, b)| (b - a) / t0.elapsed().as_secs_f64() * 1000.0)
+    } else {
+        None
+    };
     let rss = rss_kb(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
     let hwm = rss_kb(pid, "VmHWM:").unwrap_or(0) as f64 / 1024.0;
     let _ = child.kill();
     let _ = child.wait();
-    let (sync_ms, mut lat, forbidden) = result?;
+    let (sync_ms, mut lat, forbidden, mut cpu) = result?;
+    cpu.idle_mcores = idle.unwrap_or(f64::NAN);
     lat.sort_by(|a, b| a.total_cmp(b));
     let (p50, p99, max) = (
         pct(&lat, 50.0),
@@ -175,6 +227,8 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
                 "seed_s": seed_s, "full_sync_ms": sync_ms,
                 "reaction_p50_ms": p50, "reaction_p99_ms": p99, "reaction_max_ms": max,
                 "rss_mb": rss, "rss_peak_mb": hwm, "rss_target_mb": 30, "forbidden_requests": forbidden,
+                "cpu_sync_s": cpu.sync_s, "cpu_burst_s": cpu.burst_s, "cpu_burst_mcores": cpu.burst_mcores,
+                "cpu_idle_mcores": cpu.idle_mcores, "idle_window_s": idle_s(),
             })
         );
     } else {
@@ -186,6 +240,10 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
         );
         println!("  reaction after threshold: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms  (target < 1000 ms)");
         println!("  agent RSS: {rss:.1} MB now, {hwm:.1} MB peak  (target <= 30 MB)");
+        println!(
+            "  agent CPU: {:.2} s to full sync, {:.2} s for the corrections ({:.0} millicores over the burst), {:.2} millicores idle ({} s window)",
+            cpu.sync_s, cpu.burst_s, cpu.burst_mcores, cpu.idle_mcores, idle_s()
+        );
         println!("  403 answers to the agent: {forbidden}");
     }
     Ok(())
@@ -198,7 +256,7 @@ async fn measure(
     health: &str,
     started: Instant,
     pid: u32,
-) -> anyhow::Result<(f64, Vec<f64>, usize)> {
+) -> anyhow::Result<(f64, Vec<f64>, usize, Cpu)> {
     // Full sync: every HelmRelease reconciled once.
     let sync_ms = loop {
         if let Some(text) = metrics_text(health).await {
@@ -216,6 +274,9 @@ async fn measure(
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    let cpu_sync = cpu_s(pid).unwrap_or(f64::NAN);
+    // The burst: a tenth made stuck, the threshold, every correction.
+    let burst_start = Instant::now();
 
     // Watch all HelmReleases and note when each correction arrives.
     let all: Api<DynamicObject> = Api::all_with(admin.clone(), ar);
@@ -282,6 +343,13 @@ async fn measure(
         lat.len(),
         stuck()
     );
+    let burst_s = cpu_s(pid).unwrap_or(f64::NAN) - cpu_sync;
+    let cpu = Cpu {
+        sync_s: cpu_sync,
+        burst_s,
+        burst_mcores: burst_s / burst_start.elapsed().as_secs_f64() * 1000.0,
+        idle_mcores: f64::NAN,
+    };
     let forbidden = srv.requests().iter().filter(|r| r.code == 403).count();
-    Ok((sync_ms, lat, forbidden))
+    Ok((sync_ms, lat, forbidden, cpu))
 }

@@ -149,7 +149,7 @@ impl Report {
         let Some(r) = self.runs.first() else {
             return String::from("<svg xmlns=\"http://www.w3.org/2000/svg\"/>");
         };
-        let (w, h) = (900.0, 260.0);
+        let (w, h) = (900.0, 400.0);
         let lo = -2000.0f64;
         let hi = r.rto_ms.unwrap_or(0.0).max(r.promoted_ms.unwrap_or(0.0)) + 1500.0;
         let x = |ms: f64| 60.0 + (ms - lo) / (hi - lo) * (w - 90.0);
@@ -198,6 +198,42 @@ impl Report {
         mark(r.lease_expired_ms, "lease expired", "#ff7f0e", 16.0);
         mark(r.promoted_ms, "promoted", "#9467bd", 32.0);
         mark(r.rto_ms, "first write on survivor (RTO)", "#2ca02c", 48.0);
+        // Failback by switchover, on its own axis (it runs later): the old
+        // primary's fence, its last acknowledged write, the new primary's
+        // first.
+        if let Some(sw) = r.switchover_ms {
+            let (flo, fhi) = (-500.0f64, sw.max(0.0) + 500.0);
+            let fx = |ms: f64| 60.0 + (ms - flo) / (fhi - flo) * (w - 90.0);
+            s.push_str(&format!(
+                "<text x=\"10\" y=\"262\" font-size=\"14\">Failback by switchover ({} back to {})</text>\n\
+                 <line x1=\"60\" x2=\"{}\" y1=\"300\" y2=\"300\" stroke=\"#ccc\"/>\n",
+                r.promoted,
+                r.killed,
+                w - 30.0
+            ));
+            let last_old = r.switchover_gap_ms.map(|g| sw - g);
+            for (i, (ms, label, color)) in [
+                (Some(0.0), "fence (old primary)", "#d62728"),
+                (last_old, "last write on old primary", "#1f77b4"),
+                (Some(sw), "first write on new primary", "#2ca02c"),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let Some(ms) = ms else { continue };
+                let (tx, anchor) = if fx(ms) > w * 0.6 {
+                    (fx(ms) - 3.0, "end")
+                } else {
+                    (fx(ms) + 3.0, "start")
+                };
+                s.push_str(&format!(
+                    "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"275\" y2=\"315\" stroke=\"{color}\" stroke-dasharray=\"4 3\"/>\
+                     <text x=\"{tx:.1}\" y=\"{1}\" fill=\"{color}\" text-anchor=\"{anchor}\">{label} {ms:.0} ms</text>\n",
+                    fx(ms),
+                    330.0 + 14.0 * i as f64
+                ));
+            }
+        }
         s.push_str(&format!(
             "<text x=\"10\" y=\"{}\">ticks: acknowledged commits; lost acknowledged writes {}, split-brain {}</text>\n</svg>\n",
             h - 10.0,
@@ -210,7 +246,66 @@ impl Report {
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::*;
+
+    fn run() -> IterationReport {
+        IterationReport {
+            iteration: 1,
+            killed: "region-a".into(),
+            promoted: "region-b".into(),
+            epoch: Some(2),
+            acked_writes: 10,
+            lost_acked_writes: 0,
+            split_brain: 0,
+            rto_ms: Some(2100.0),
+            lease_expired_ms: Some(1900.0),
+            promoted_ms: Some(2000.0),
+            killed_at_ms: 5000.0,
+            switchover_ms: Some(400.0),
+            switchover_gap_ms: Some(350.0),
+            switchover_acked_writes: 5,
+            switchover_rebuilt: false,
+            acks_ms: vec![(0, -10.0), (1, 2100.0)],
+        }
+    }
+
+    fn report(runs: Vec<IterationReport>) -> Report {
+        Report {
+            iterations: runs.len(),
+            witnesses: 3,
+            ttl_ms: 2000,
+            acked_writes: 10,
+            lost_acked_writes: 0,
+            split_brain: 0,
+            rto_ms: percentiles(vec![2100.0]),
+            switchover_ms: percentiles(vec![400.0]),
+            switchover_rebuilds: 0,
+            runs,
+        }
+    }
+
+    #[test]
+    fn svg_marks_every_milestone_of_the_run() {
+        let svg = report(vec![run()]).svg();
+        for label in [
+            "kill 0 ms",
+            "lease expired 1900 ms",
+            "promoted 2000 ms",
+            "first write on survivor (RTO) 2100 ms",
+            "fence (old primary) 0 ms",
+            "last write on old primary 50 ms",
+            "first write on new primary 400 ms",
+        ] {
+            assert!(svg.contains(label), "{label} missing from\n{svg}");
+        }
+        assert!(svg.trim_end().ends_with("</svg>"));
+        // Without a failback the fence panel is left out, not invented.
+        let mut no_failback = run();
+        no_failback.switchover_ms = None;
+        assert!(!report(vec![no_failback])
+            .svg()
+            .contains("fence (old primary)"));
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
