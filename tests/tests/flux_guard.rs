@@ -1019,6 +1019,85 @@ async fn removed_crd_with_objects_is_blocked() {
     }
 }
 
+/// A template that declares a CRD but cannot be read without values (its spec
+/// comes from values) is not skipped: the guard blocks, naming the file, and the
+/// operator's override still lets a reviewed revision through.
+#[tokio::test]
+async fn unreadable_crd_template_is_blocked_until_overridden() {
+    let s = TestApi::start_with_role(&role_path()).await.unwrap();
+    let http = ArtifactServer::start().await;
+    seed_flux(&s).await;
+    let chart = tgz(&[
+        ("c/Chart.yaml".into(), "name: c\nversion: 3.0.0\n".into()),
+        (
+            "c/templates/crds.yaml".into(),
+            "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: helmreleases.helm.toolkit.fluxcd.io\nspec:\n  {{- toYaml .Values.crdSpec | nindent 2 }}\n".into(),
+        ),
+        (
+            "c/templates/cm.yaml".into(),
+            "apiVersion: v1\nkind: ConfigMap\ndata: {{ .Values.x | nope\n".into(),
+        ),
+    ]);
+    let (url, digest) = http.put("/c3.tgz", chart);
+    publish_chart(&s, "c3", &url, "3.0.0", &digest).await;
+    create(&s, ("helm.toolkit.fluxcd.io", "v2", "HelmRelease", "helmreleases"), Some("apps"), json!({
+        "apiVersion": "helm.toolkit.fluxcd.io/v2", "kind": "HelmRelease", "metadata": {"name": "c3", "namespace": "apps"},
+        "spec": {"chartRef": {"kind": "HelmChart", "name": "c3", "namespace": FLUX_NS}},
+    }), None).await;
+    let m = Metrics::new(&prometheus::Registry::new()).unwrap();
+    let ctx = guard::Ctx::new(
+        s.client().unwrap(),
+        config(true, false),
+        m.clone(),
+        Arc::new(SkewState::new("x/y".into(), m)),
+        "t".into(),
+    );
+    let typed: Api<GuardedHr> = Api::namespaced(s.admin_client().unwrap(), "apps");
+    match guard::process(&ctx, &typed.get("c3").await.unwrap())
+        .await
+        .unwrap()
+    {
+        Outcome::Blocked(v) => {
+            // The broken ConfigMap template is not a CRD risk: only the CRD one is reported.
+            assert_eq!(
+                v.iter().map(|v| (v.label(), v.crd())).collect::<Vec<_>>(),
+                [("crd_template_unverifiable", "c/templates/crds.yaml")]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let o = hr(&s, "apps", "c3");
+    assert!(suspended(&o));
+    let reason = annotation(&o, fg::ANNOTATION_BLOCKED_REASON).unwrap();
+    assert!(
+        reason.contains("cannot verify CRD in c/templates/crds.yaml"),
+        "{reason}"
+    );
+    api(
+        s.admin_client().unwrap(),
+        "helm.toolkit.fluxcd.io",
+        "v2",
+        "HelmRelease",
+        "helmreleases",
+        Some("apps"),
+    )
+    .patch(
+        "c3",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"metadata": {"annotations": {fg::ANNOTATION_OVERRIDE: "3.0.0"}}})),
+    )
+    .await
+    .unwrap();
+    match guard::process(&ctx, &typed.get("c3").await.unwrap())
+        .await
+        .unwrap()
+    {
+        Outcome::Overridden(v) => assert_eq!(v[0].label(), "crd_template_unverifiable"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!suspended(&hr(&s, "apps", "c3")), "override resumes it");
+}
+
 /// The seed's rollback deletes every Flux controller: they come back from the
 /// snapshot, spec for spec, and so does their RBAC; also by a fresh agent
 /// (leader change) from the stored ConfigMap alone.

@@ -428,6 +428,7 @@ async fn check(
         chart: chart_crds,
         live,
         removed,
+        unverifiable: contents.unverifiable.clone(),
         overridden,
     };
     let verdict = decide::decide(&input);
