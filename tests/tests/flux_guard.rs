@@ -954,11 +954,16 @@ async fn bad_artifacts_are_errors_not_blocks() {
 
 /// A chart dropping a CRD that still has objects is blocked; with the shipped
 /// RBAC (no list on custom resources) the guard cannot prove emptiness and blocks too.
+/// What the chart drops is known from the guard's annotation of the last checked
+/// revision, or (`via_release`) from what Helm actually installed: the templated
+/// CRDs in the manifest of the deployed release's storage Secret.
 #[tokio::test]
 async fn removed_crd_with_objects_is_blocked() {
-    for (with_rbac, want) in [
-        (false, "crd_removed_with_objects"),
-        (true, "crd_removed_unverifiable"),
+    for (with_rbac, via_release, want) in [
+        (false, false, "crd_removed_with_objects"),
+        (true, false, "crd_removed_unverifiable"),
+        (false, true, "crd_removed_with_objects"),
+        (true, true, "crd_removed_unverifiable"),
     ] {
         let s = if with_rbac {
             TestApi::start_with_role(&role_path()).await.unwrap()
@@ -984,11 +989,54 @@ async fn removed_crd_with_objects_is_blocked() {
         ]);
         let (url, digest) = http.put("/c.tgz", chart);
         publish_chart(&s, "c", &url, "2.0.0", &digest).await;
-        create(&s, ("helm.toolkit.fluxcd.io", "v2", "HelmRelease", "helmreleases"), Some("apps"), json!({
-            "apiVersion": "helm.toolkit.fluxcd.io/v2", "kind": "HelmRelease",
-            "metadata": {"name": "c", "namespace": "apps", "annotations": {fg::ANNOTATION_CHECKED: "1.0.0", fg::ANNOTATION_CRDS: format!("{HR_CRD},{KS_CRD}")}},
-            "spec": {"chartRef": {"kind": "HelmChart", "name": "c", "namespace": FLUX_NS}},
-        }), None).await;
+        let annotations = if via_release {
+            // Installed before the guard ran: no annotation, only Helm's record.
+            json!({})
+        } else {
+            json!({fg::ANNOTATION_CHECKED: "1.0.0", fg::ANNOTATION_CRDS: format!("{HR_CRD},{KS_CRD}")})
+        };
+        let status = via_release.then(|| {
+            json!({"storageNamespace": "helm-storage", "history": [
+                {"name": "c", "namespace": "apps", "version": 3, "status": "failed", "chartName": "c", "chartVersion": "1.1.0"},
+                {"name": "c", "namespace": "apps", "version": 2, "status": "deployed", "chartName": "c", "chartVersion": "1.0.0"},
+            ]})
+        });
+        if via_release {
+            // v2 is what Helm has deployed (v3 failed); its manifest has both CRDs, one kept by policy.
+            let manifest = format!(
+                "---\n# Source: c/templates/crd.yaml\n{}---\n# Source: c/templates/ks.yaml\n{}---\n# Source: c/templates/kept.yaml\n{}",
+                yaml(&crd_doc("helmreleases", "helm.toolkit.fluxcd.io", "HelmRelease", &[("v2", true, true)])),
+                yaml(&crd_doc("kustomizations", "kustomize.toolkit.fluxcd.io", "Kustomization", &[("v1", true, true)])),
+                yaml(&{
+                    let mut k = crd_doc("helmcharts", "source.toolkit.fluxcd.io", "HelmChart", &[("v1", true, true)]);
+                    k["metadata"]["annotations"] = json!({"helm.sh/resource-policy": "keep"});
+                    k
+                }),
+            );
+            for (version, manifest) in [(2, manifest), (3, String::new())] {
+                let name = format!("sh.helm.release.v1.c.v{version}");
+                create(&s, ("", "v1", "Secret", "secrets"), Some("helm-storage"),
+                    fg::release::encode_secret(&name, "helm-storage", &json!({"name": "c", "version": version, "namespace": "apps", "manifest": manifest})),
+                    None).await;
+            }
+        }
+        create(
+            &s,
+            (
+                "helm.toolkit.fluxcd.io",
+                "v2",
+                "HelmRelease",
+                "helmreleases",
+            ),
+            Some("apps"),
+            json!({
+                "apiVersion": "helm.toolkit.fluxcd.io/v2", "kind": "HelmRelease",
+                "metadata": {"name": "c", "namespace": "apps", "annotations": annotations},
+                "spec": {"chartRef": {"kind": "HelmChart", "name": "c", "namespace": FLUX_NS}},
+            }),
+            status,
+        )
+        .await;
         let m = Metrics::new(&prometheus::Registry::new()).unwrap();
         let ctx = guard::Ctx::new(
             s.client().unwrap(),
@@ -1000,12 +1048,32 @@ async fn removed_crd_with_objects_is_blocked() {
         let typed: Api<GuardedHr> = Api::namespaced(s.admin_client().unwrap(), "apps");
         let h = typed.get("c").await.unwrap();
         match guard::process(&ctx, &h).await.unwrap() {
-            Outcome::Blocked(v) => assert_eq!(
-                v.iter().map(|v| v.label()).collect::<Vec<_>>(),
-                [want],
-                "rbac={with_rbac}"
-            ),
-            other => panic!("rbac={with_rbac}: {other:?}"),
+            Outcome::Blocked(v) => {
+                assert_eq!(
+                    v.iter().map(|v| (v.label(), v.crd())).collect::<Vec<_>>(),
+                    [(want, KS_CRD)],
+                    "rbac={with_rbac} via_release={via_release}"
+                );
+            }
+            other => panic!("rbac={with_rbac} via_release={via_release}: {other:?}"),
+        }
+        if via_release {
+            let read: Vec<_> = s
+                .requests()
+                .into_iter()
+                .filter(|r| r.resource == "secrets")
+                .map(|r| (r.verb, r.namespace, r.name, r.code))
+                .collect();
+            assert_eq!(
+                read,
+                [(
+                    "get".to_string(),
+                    Some("helm-storage".to_string()),
+                    Some("sh.helm.release.v1.c.v2".to_string()),
+                    200
+                )],
+                "one get of the deployed release's Secret, by name"
+            );
         }
         assert!(suspended(&hr(&s, "apps", "c")));
         // Blocked again for the same reason: no second write.
@@ -1566,6 +1634,14 @@ async fn rbac_scenario(rules: Vec<PolicyRule>) -> Vec<continuum_testapi::Request
     let (url, digest) = http.put("/bad.tgz", unsafe_chart());
     publish_chart(&s, "flux-system-bp-flux", &url, "1.1.1", &digest).await;
     seed_bp_flux(&s).await;
+    // bp-flux was installed before: the guard reads its release's storage Secret.
+    create(&s, ("", "v1", "Secret", "secrets"), Some(FLUX_NS),
+        fg::release::encode_secret("sh.helm.release.v1.flux.v1", FLUX_NS, &json!({"name": "flux", "version": 1, "manifest": yaml(&crd_doc("helmreleases", "helm.toolkit.fluxcd.io", "HelmRelease", &[("v2", true, true)]))})),
+        None).await;
+    api(s.admin_client().unwrap(), "helm.toolkit.fluxcd.io", "v2", "HelmRelease", "helmreleases", Some(FLUX_NS))
+        .patch_status("bp-flux", &PatchParams::default(), &Patch::Merge(&json!({"status": {"history": [{"name": "flux", "namespace": FLUX_NS, "version": 1, "status": "deployed"}]}})))
+        .await
+        .unwrap();
     // An OCIRepository-sourced HelmRelease with a safe chart.
     let (url2, digest2) = http.put("/oci.tgz", safe_chart());
     let oci = api(

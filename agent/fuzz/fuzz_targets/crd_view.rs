@@ -1,10 +1,10 @@
 //! Fuzz the CRD views the Flux guard builds from YAML/JSON it did not write
-//! (chart `crds/` and `templates/` files, live CRDs):
+//! (chart `crds/` and `templates/` files, live CRDs, Helm release manifests):
 //! any text either gives CRD views whose storage version is consistent, or
 //! errors; never a panic.
 #![no_main]
 
-use continuum_agent::flux_guard::{chart, crd};
+use continuum_agent::flux_guard::{chart, crd, release};
 use libfuzzer_sys::fuzz_target;
 use serde::Deserialize;
 
@@ -26,4 +26,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
+    // As the `manifest` of a Helm release: CRD names only, bounded by the text.
+    let names = release::manifest_crds(text);
+    assert!(names.len() <= text.matches("CustomResourceDefinition").count());
 });

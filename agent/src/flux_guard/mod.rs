@@ -19,6 +19,7 @@ pub mod decide;
 pub mod fetch;
 pub mod guard;
 pub mod metrics;
+pub mod release;
 pub mod skew;
 pub mod snapshot;
 pub mod source;
