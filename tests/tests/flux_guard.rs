@@ -1166,6 +1166,75 @@ async fn unreadable_crd_template_is_blocked_until_overridden() {
     assert!(!suspended(&hr(&s, "apps", "c3")), "override resumes it");
 }
 
+/// The suspend carries no resourceVersion: a HelmRelease updated by someone else
+/// between the guard's read and its write is still suspended by that one write,
+/// without a 409, a second download or losing the other update.
+#[tokio::test]
+async fn suspend_survives_a_concurrent_update() {
+    let s = TestApi::start_with_role(&role_path()).await.unwrap();
+    let http = ArtifactServer::start().await;
+    seed_flux(&s).await;
+    let (url, digest) = http.put("/bp-flux-1.1.1.tgz", unsafe_chart());
+    publish_chart(&s, "flux-system-bp-flux", &url, "1.1.1", &digest).await;
+    seed_bp_flux(&s).await;
+    let m = Metrics::new(&prometheus::Registry::new()).unwrap();
+    let ctx = guard::Ctx::new(
+        s.client().unwrap(),
+        Config {
+            flux_release: "other/flux".into(),
+            ..config(true, false)
+        },
+        m.clone(),
+        Arc::new(SkewState::new("x/y".into(), m)),
+        "t".into(),
+    );
+    let typed: Api<GuardedHr> = Api::namespaced(s.admin_client().unwrap(), FLUX_NS);
+    let stale = typed.get("bp-flux").await.unwrap();
+    // helm-controller (or Git) updates the HelmRelease meanwhile: spec and status.
+    let hrs = api(
+        s.admin_client().unwrap(),
+        "helm.toolkit.fluxcd.io",
+        "v2",
+        "HelmRelease",
+        "helmreleases",
+        Some(FLUX_NS),
+    );
+    hrs.patch(
+        "bp-flux",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"interval": "5m"}})),
+    )
+    .await
+    .unwrap();
+    hrs.patch_status(
+        "bp-flux",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"status": {"observedGeneration": 2}})),
+    )
+    .await
+    .unwrap();
+    assert_ne!(
+        hr(&s, FLUX_NS, "bp-flux")["metadata"]["resourceVersion"],
+        json!(stale.metadata.resource_version)
+    );
+    s.clear_requests();
+    match guard::process(&ctx, &stale).await.unwrap() {
+        Outcome::Blocked(v) => assert!(v.iter().any(|v| v.label() == "stored_version_missing")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(http.hits(), 1, "one download");
+    let hr_writes: Vec<_> = writes(&s)
+        .into_iter()
+        .filter(|r| r.resource == "helmreleases")
+        .map(|r| (r.verb, r.code))
+        .collect();
+    assert_eq!(hr_writes, [("patch".to_string(), 200)], "one write, no 409");
+    let o = hr(&s, FLUX_NS, "bp-flux");
+    assert!(suspended(&o));
+    assert_eq!(o["spec"]["interval"], "5m", "the concurrent update is kept");
+    assert_eq!(o["status"]["observedGeneration"], 2);
+}
+
 /// The seed's rollback deletes every Flux controller: they come back from the
 /// snapshot, spec for spec, and so does their RBAC; also by a fresh agent
 /// (leader change) from the stored ConfigMap alone.

@@ -500,9 +500,13 @@ async fn check(
                 return Ok(Outcome::StillBlocked);
             }
             // Suspend first: nothing else is written before helm-controller is stopped.
+            // No resourceVersion precondition: suspending is the safe direction
+            // whatever changed meanwhile (a concurrent status or spec update must
+            // not turn into a 409, a re-download and a later suspend), and a
+            // changed spec or source is re-checked by the watch anyway. The
+            // merge patch touches only these fields.
             let patch = json!({
                 "metadata": {
-                    "resourceVersion": hr.metadata.resource_version,
                     "annotations": {ANNOTATION_BLOCKED: key, ANNOTATION_BLOCKED_REASON: text},
                 },
                 "spec": {"suspend": true},
@@ -530,9 +534,12 @@ async fn check(
         }
         Verdict::Pass | Verdict::Overridden(_) => {
             let resume = was_blocked && hr.suspended();
+            // Resuming keeps the resourceVersion precondition: it lets
+            // helm-controller act, so only on exactly the object that was checked.
+            // Recording the checked artifact alone is keyed by the artifact and
+            // needs none.
             let mut patch = json!({
                 "metadata": {
-                    "resourceVersion": hr.metadata.resource_version,
                     "annotations": {
                         ANNOTATION_CHECKED: key,
                         ANNOTATION_CRDS: crd_list,
@@ -543,6 +550,7 @@ async fn check(
             });
             if resume {
                 patch["spec"] = json!({"suspend": false});
+                patch["metadata"]["resourceVersion"] = json!(hr.metadata.resource_version);
             }
             api.patch(&name, &pp(), &Patch::Merge(&patch))
                 .await
