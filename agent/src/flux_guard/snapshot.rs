@@ -4,6 +4,10 @@
 //! the Flux CRDs) are kept, stripped of server fields and gzip-compressed, in a
 //! ConfigMap the agent owns. When a controller disappears, every missing object
 //! of the snapshot is re-applied with server-side apply.
+//!
+//! Controllers of `--flux-controllers` that never ran here (image automation is
+//! optional) are not a loss: only those seen running, or in the snapshot, are
+//! expected.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -66,6 +70,27 @@ const KINDS: &[(&str, &str, &str, &str, bool)] = &[
     ("", "v1", "Service", "services", true),
     ("apps", "v1", "Deployment", "deployments", true),
 ];
+
+/// The controllers expected to run: those of `wanted` running now or known
+/// (in the snapshot, or seen running by this process). When none is known yet
+/// (a fresh agent, no snapshot, no controller running) all are expected, so
+/// a Flux with no controller at all is still reported.
+pub fn expected_controllers(
+    wanted: &[String],
+    running: &BTreeSet<String>,
+    known: &BTreeSet<String>,
+) -> Vec<String> {
+    let expected: Vec<String> = wanted
+        .iter()
+        .filter(|c| running.contains(*c) || known.contains(*c))
+        .cloned()
+        .collect();
+    if expected.is_empty() {
+        wanted.to_vec()
+    } else {
+        expected
+    }
+}
 
 /// ClusterRoles Kubernetes provides; bindings to them are kept, the roles are not.
 fn builtin_role(name: &str) -> bool {
@@ -261,6 +286,8 @@ pub struct Keeper {
     reported_no_snapshot: bool,
     /// Last restore: for a while after it, objects deleted late are re-applied too.
     last_restore: Option<Instant>,
+    /// Controllers seen running by this process (expected from then on).
+    seen: BTreeSet<String>,
 }
 
 impl Keeper {
@@ -287,6 +314,7 @@ impl Keeper {
             gone_since: BTreeMap::new(),
             reported_no_snapshot: false,
             last_restore: None,
+            seen: BTreeSet::new(),
         }
     }
 
@@ -628,7 +656,19 @@ impl Keeper {
     /// One evaluation over the current Flux Deployments.
     async fn evaluate(&mut self, deployments: &BTreeMap<String, Value>) -> Result<(), Error> {
         let now = Instant::now();
-        let wanted: Vec<&String> = self.cfg.controllers.iter().collect();
+        let running: BTreeSet<String> = deployments.keys().cloned().collect();
+        let mut known = self.seen.clone();
+        if let Some(s) = &self.snapshot {
+            known.extend(s.deployments());
+        }
+        let expected = expected_controllers(&self.cfg.controllers, &running, &known);
+        let wanted: Vec<&String> = expected.iter().collect();
+        self.seen.extend(
+            wanted
+                .iter()
+                .filter(|c| running.contains(**c))
+                .map(|c| c.to_string()),
+        );
         let missing: Vec<String> = wanted
             .iter()
             .filter(|c| !deployments.contains_key(c.as_str()))
@@ -825,6 +865,70 @@ mod tests {
             Snapshot::decompress(b"junk").unwrap_err().label(),
             "snapshot_corrupt"
         );
+    }
+
+    #[test]
+    fn optional_controllers_never_seen_are_not_lost() {
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        let wanted: Vec<String> = [
+            "helm-controller",
+            "source-controller",
+            "image-reflector-controller",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let cases: [(&[&str], &[&str], &[&str]); 5] = [
+            // Image automation never installed: only the running ones are expected.
+            (
+                &["helm-controller", "source-controller"],
+                &[],
+                &["helm-controller", "source-controller"],
+            ),
+            // Known from the snapshot (or seen) and gone now: expected, so missing.
+            (
+                &["source-controller"],
+                &["helm-controller", "image-reflector-controller"],
+                &[
+                    "helm-controller",
+                    "source-controller",
+                    "image-reflector-controller",
+                ],
+            ),
+            // Nothing running, nothing known: all expected (Flux is not there at all).
+            (
+                &[],
+                &[],
+                &[
+                    "helm-controller",
+                    "source-controller",
+                    "image-reflector-controller",
+                ],
+            ),
+            // Nothing running, snapshot knows two: those two.
+            (
+                &[],
+                &["helm-controller", "source-controller"],
+                &["helm-controller", "source-controller"],
+            ),
+            // Something running that is not wanted does not count.
+            (
+                &["other"],
+                &[],
+                &[
+                    "helm-controller",
+                    "source-controller",
+                    "image-reflector-controller",
+                ],
+            ),
+        ];
+        for (running, known, want) in cases {
+            assert_eq!(
+                expected_controllers(&wanted, &set(running), &set(known)),
+                want.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                "running {running:?} known {known:?}"
+            );
+        }
     }
 
     #[test]
