@@ -373,6 +373,30 @@ fn register_flux(s: &TestApi, oci: bool) {
         false,
         false,
     ));
+    s.register(ResourceSpec::new(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "roles",
+        "Role",
+        true,
+        false,
+    ));
+    s.register(ResourceSpec::new(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "rolebindings",
+        "RoleBinding",
+        true,
+        false,
+    ));
+    s.register(ResourceSpec::new(
+        "networking.k8s.io",
+        "v1",
+        "networkpolicies",
+        "NetworkPolicy",
+        true,
+        false,
+    ));
 }
 
 /// Flux v2.4.0 as cloud-init installs it: CRDs (stored v2 / v1), controllers
@@ -449,6 +473,39 @@ async fn seed_flux_with(s: &TestApi, oci: bool) {
         create(s, ("", "v1", "Service", "services"), Some(FLUX_NS), json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": FLUX_NS},
             "spec": {"clusterIP": "10.43.0.9", "ports": [{"name": "http", "port": 80, "targetPort": "http"}], "selector": {"app": app}}}), None).await;
+    }
+    // A namespaced install's Role + RoleBinding (naming Flux ServiceAccounts), and one
+    // binding someone else in the namespace: only the first pair is Flux's.
+    create(s, ("rbac.authorization.k8s.io", "v1", "Role", "roles"), Some(FLUX_NS), json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "crd-controller-flux-system", "namespace": FLUX_NS}, "rules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["*"]}]}), None).await;
+    create(s, ("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings"), Some(FLUX_NS), json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "crd-controller-flux-system", "namespace": FLUX_NS}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "crd-controller-flux-system"}, "subjects": subjects}), None).await;
+    create(s, ("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings"), Some(FLUX_NS), json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "someone-else", "namespace": FLUX_NS}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"}, "subjects": [{"kind": "ServiceAccount", "name": "x", "namespace": "apps"}]}), None).await;
+    // Flux's NetworkPolicies (part-of=flux) and one of the operator's.
+    for (name, flux) in [
+        ("allow-egress", true),
+        ("allow-scraping", true),
+        ("allow-webhooks", true),
+        ("operators-own", false),
+    ] {
+        let labels = if flux {
+            json!({"app.kubernetes.io/part-of": "flux"})
+        } else {
+            json!({})
+        };
+        create(
+            s,
+            (
+                "networking.k8s.io",
+                "v1",
+                "NetworkPolicy",
+                "networkpolicies",
+            ),
+            Some(FLUX_NS),
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": FLUX_NS, "labels": labels},
+            "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]}}),
+            None,
+        )
+        .await;
     }
     // Someone else's binding: never in the snapshot.
     create(s, ("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings"), None, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "other"}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"}, "subjects": [{"kind": "ServiceAccount", "name": "x", "namespace": "apps"}]}), None).await;
@@ -1326,6 +1383,46 @@ async fn flux_controllers_are_restored_from_the_snapshot() {
     .delete("source-controller", &DeleteParams::default())
     .await
     .unwrap();
+    // The namespace's Flux Role, RoleBinding and a NetworkPolicy go too.
+    let role_before = s
+        .object(
+            "rbac.authorization.k8s.io",
+            "roles",
+            FLUX_NS,
+            "crd-controller-flux-system",
+        )
+        .unwrap();
+    for (group, kind, plural, name) in [
+        (
+            "rbac.authorization.k8s.io",
+            "Role",
+            "roles",
+            "crd-controller-flux-system",
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "RoleBinding",
+            "rolebindings",
+            "crd-controller-flux-system",
+        ),
+        (
+            "networking.k8s.io",
+            "NetworkPolicy",
+            "networkpolicies",
+            "allow-egress",
+        ),
+        (
+            "networking.k8s.io",
+            "NetworkPolicy",
+            "networkpolicies",
+            "operators-own",
+        ),
+    ] {
+        api(admin.clone(), group, "v1", kind, plural, Some(FLUX_NS))
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
     wait_for("controllers back", || {
         deployment_specs(&s).iter().all(Option::is_some)
     })
@@ -1333,6 +1430,49 @@ async fn flux_controllers_are_restored_from_the_snapshot() {
     let restore = t0.elapsed();
     println!("flux_guard restore: 4 Flux controller Deployments back {:.1} ms after their deletion (target < 60 s)", restore.as_secs_f64() * 1000.0);
     assert_eq!(deployment_specs(&s), before, "restored spec for spec");
+    wait_for("Role, RoleBinding, NetworkPolicy back", || {
+        s.object(
+            "rbac.authorization.k8s.io",
+            "roles",
+            FLUX_NS,
+            "crd-controller-flux-system",
+        )
+        .is_some()
+            && s.object(
+                "rbac.authorization.k8s.io",
+                "rolebindings",
+                FLUX_NS,
+                "crd-controller-flux-system",
+            )
+            .is_some()
+            && s.object(
+                "networking.k8s.io",
+                "networkpolicies",
+                FLUX_NS,
+                "allow-egress",
+            )
+            .is_some()
+    })
+    .await;
+    let role = s
+        .object(
+            "rbac.authorization.k8s.io",
+            "roles",
+            FLUX_NS,
+            "crd-controller-flux-system",
+        )
+        .unwrap();
+    assert_eq!(role["rules"], role_before["rules"]);
+    assert!(
+        s.object(
+            "networking.k8s.io",
+            "networkpolicies",
+            FLUX_NS,
+            "operators-own"
+        )
+        .is_none(),
+        "only Flux's NetworkPolicies are in the snapshot"
+    );
     wait_for("RBAC back", || {
         s.object("", "serviceaccounts", FLUX_NS, "helm-controller")
             .is_some()
@@ -1813,6 +1953,30 @@ async fn rbac_scenario(rules: Vec<PolicyRule>) -> Vec<continuum_testapi::Request
         )
         .delete("source-controller", &DeleteParams::default())
         .await;
+        for (group, kind, plural, name) in [
+            (
+                "rbac.authorization.k8s.io",
+                "Role",
+                "roles",
+                "crd-controller-flux-system",
+            ),
+            (
+                "rbac.authorization.k8s.io",
+                "RoleBinding",
+                "rolebindings",
+                "crd-controller-flux-system",
+            ),
+            (
+                "networking.k8s.io",
+                "NetworkPolicy",
+                "networkpolicies",
+                "allow-egress",
+            ),
+        ] {
+            let _ = api(admin.clone(), group, "v1", kind, plural, Some(FLUX_NS))
+                .delete(name, &DeleteParams::default())
+                .await;
+        }
         for c in CONTROLLERS {
             let _ = api(
                 admin.clone(),
@@ -1828,6 +1992,27 @@ async fn rbac_scenario(rules: Vec<PolicyRule>) -> Vec<continuum_testapi::Request
         while t.elapsed() < Duration::from_secs(20)
             && !until(&s, &|s| {
                 deployment_specs(s).iter().all(Option::is_some)
+                    && s.object(
+                        "rbac.authorization.k8s.io",
+                        "roles",
+                        FLUX_NS,
+                        "crd-controller-flux-system",
+                    )
+                    .is_some()
+                    && s.object(
+                        "rbac.authorization.k8s.io",
+                        "rolebindings",
+                        FLUX_NS,
+                        "crd-controller-flux-system",
+                    )
+                    .is_some()
+                    && s.object(
+                        "networking.k8s.io",
+                        "networkpolicies",
+                        FLUX_NS,
+                        "allow-egress",
+                    )
+                    .is_some()
                     && s.object(
                         "rbac.authorization.k8s.io",
                         "clusterroles",

@@ -1,9 +1,10 @@
 //! Flux controller loss (seed 000: a failed Helm upgrade's rollback deleted every
 //! Flux controller). While the controllers are available, their manifests
-//! (Deployments, ServiceAccounts, the ClusterRoles/Bindings they are bound by,
-//! the Flux CRDs) are kept, stripped of server fields and gzip-compressed, in a
-//! ConfigMap the agent owns. When a controller disappears, every missing object
-//! of the snapshot is re-applied with server-side apply.
+//! (Deployments, ServiceAccounts, the ClusterRoles/Bindings and the Flux
+//! namespace's Roles/RoleBindings they are bound by, the Services selecting them,
+//! Flux's NetworkPolicies, the Flux CRDs) are kept, stripped of server fields and
+//! gzip-compressed, in a ConfigMap the agent owns. When a controller disappears,
+//! every missing object of the snapshot is re-applied with server-side apply.
 //!
 //! Controllers of `--flux-controllers` that never ran here (image automation is
 //! optional) are not a loss: only those seen running, or in the snapshot, are
@@ -67,6 +68,21 @@ const KINDS: &[(&str, &str, &str, &str, bool)] = &[
         "clusterrolebindings",
         false,
     ),
+    ("rbac.authorization.k8s.io", "v1", "Role", "roles", true),
+    (
+        "rbac.authorization.k8s.io",
+        "v1",
+        "RoleBinding",
+        "rolebindings",
+        true,
+    ),
+    (
+        "networking.k8s.io",
+        "v1",
+        "NetworkPolicy",
+        "networkpolicies",
+        true,
+    ),
     ("", "v1", "Service", "services", true),
     ("apps", "v1", "Deployment", "deployments", true),
 ];
@@ -90,6 +106,22 @@ pub fn expected_controllers(
     } else {
         expected
     }
+}
+
+/// Whether a (Cluster)RoleBinding names one of the Flux ServiceAccounts.
+fn binds_flux(binding: &Value, ns: &str, sa_names: &BTreeSet<String>) -> bool {
+    binding
+        .get("subjects")
+        .and_then(Value::as_array)
+        .is_some_and(|s| {
+            s.iter().any(|s| {
+                s.get("kind").and_then(Value::as_str) == Some("ServiceAccount")
+                    && s.get("namespace").and_then(Value::as_str) == Some(ns)
+                    && s.get("name")
+                        .and_then(Value::as_str)
+                        .is_some_and(|n| sa_names.contains(n))
+            })
+        })
 }
 
 /// ClusterRoles Kubernetes provides; bindings to them are kept, the roles are not.
@@ -431,19 +463,7 @@ impl Keeper {
         let mut bindings = Vec::new();
         for b in &list.items {
             let v = to_value(b);
-            let binds_flux = v
-                .get("subjects")
-                .and_then(Value::as_array)
-                .is_some_and(|s| {
-                    s.iter().any(|s| {
-                        s.get("kind").and_then(Value::as_str) == Some("ServiceAccount")
-                            && s.get("namespace").and_then(Value::as_str) == Some(ns.as_str())
-                            && s.get("name")
-                                .and_then(Value::as_str)
-                                .is_some_and(|n| sa_names.contains(n))
-                    })
-                });
-            if !binds_flux {
+            if !binds_flux(&v, ns, &sa_names) {
                 continue;
             }
             if v.pointer("/roleRef/kind").and_then(Value::as_str) == Some("ClusterRole") {
@@ -454,6 +474,46 @@ impl Keeper {
                 }
             }
             bindings.push(strip(&v));
+        }
+        // RoleBindings of the Flux namespace naming them (namespaced installs,
+        // leader election), their Roles, and the ClusterRoles they bind.
+        let rbs: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            ns,
+            &ar(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "RoleBinding",
+                "rolebindings",
+            ),
+        );
+        let list = rbs
+            .list(&ListParams::default())
+            .await
+            .map_err(|source| Error::Read {
+                what: "Flux RoleBindings",
+                source,
+            })?;
+        let mut ns_roles = BTreeSet::new();
+        let mut ns_bindings = Vec::new();
+        for b in &list.items {
+            let v = to_value(b);
+            if !binds_flux(&v, ns, &sa_names) {
+                continue;
+            }
+            match (
+                v.pointer("/roleRef/kind").and_then(Value::as_str),
+                v.pointer("/roleRef/name").and_then(Value::as_str),
+            ) {
+                (Some("Role"), Some(r)) => {
+                    ns_roles.insert(r.to_string());
+                }
+                (Some("ClusterRole"), Some(r)) if !builtin_role(r) => {
+                    roles.insert(r.to_string());
+                }
+                _ => {}
+            }
+            ns_bindings.push(strip(&v));
         }
         let crs: Api<DynamicObject> = Api::all_with(
             self.client.clone(),
@@ -473,6 +533,40 @@ impl Keeper {
             }
         }
         objects.extend(bindings);
+        let nsr: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            ns,
+            &ar("rbac.authorization.k8s.io", "v1", "Role", "roles"),
+        );
+        for r in &ns_roles {
+            if let Some(role) = nsr.get_opt(r).await.map_err(|source| Error::Read {
+                what: "Flux Roles",
+                source,
+            })? {
+                objects.push(strip(&to_value(&role)));
+            }
+        }
+        objects.extend(ns_bindings);
+        // Flux's NetworkPolicies (allow-egress, allow-scraping, allow-webhooks):
+        // without allow-egress restored controllers cannot reach their sources.
+        let nps: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            ns,
+            &ar(
+                "networking.k8s.io",
+                "v1",
+                "NetworkPolicy",
+                "networkpolicies",
+            ),
+        );
+        let list = nps
+            .list(&ListParams::default().labels(FLUX_PART_OF))
+            .await
+            .map_err(|source| Error::Read {
+                what: "Flux NetworkPolicies",
+                source,
+            })?;
+        objects.extend(list.items.iter().map(|n| strip(&to_value(n))));
         // Services selecting controller pods (source-controller serves the artifacts).
         let pod_labels: Vec<&serde_json::Map<String, Value>> = deployments
             .iter()
@@ -802,8 +896,8 @@ impl Keeper {
                             watcher::Event::Init => { buffer.clear(); false }
                             watcher::Event::InitApply(o) => { buffer.insert(name(&o), to_value(&o)); false }
                             watcher::Event::InitDone => { current = std::mem::take(&mut buffer); synced = true; true }
-                            watcher::Event::Apply(o) => { current.insert(name(&o), to_value(&o)); true }
-                            watcher::Event::Delete(o) => { current.remove(&name(&o)); true }
+                            watcher::Event::Apply(o) => {  current.insert(name(&o), to_value(&o)); true }
+                            watcher::Event::Delete(o) => {  current.remove(&name(&o)); true }
                         }
                     }
                 },
