@@ -8,7 +8,9 @@
 //!
 //! Controllers of `--flux-controllers` that never ran here (image automation is
 //! optional) are not a loss: only those seen running, or in the snapshot, are
-//! expected.
+//! expected. Time to restore is measured from the first sign of loss (the
+//! Deployment's deletionTimestamp when the watch shows one, else the moment it
+//! is seen gone) to re-applied, and to available again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -106,6 +108,20 @@ pub fn expected_controllers(
     } else {
         expected
     }
+}
+
+/// When a loss started: the deletionTimestamp (second precision, so the figure
+/// can only come out longer) when it is in the recent past, else `now`.
+pub fn loss_start(
+    now: Instant,
+    wall_now: jiff::Timestamp,
+    deletion: Option<jiff::Timestamp>,
+) -> Instant {
+    deletion
+        .and_then(|t| Duration::try_from(wall_now.duration_since(t)).ok())
+        .filter(|age| *age < Duration::from_secs(600))
+        .and_then(|age| now.checked_sub(age))
+        .unwrap_or(now)
 }
 
 /// Whether a (Cluster)RoleBinding names one of the Flux ServiceAccounts.
@@ -320,6 +336,10 @@ pub struct Keeper {
     last_restore: Option<Instant>,
     /// Controllers seen running by this process (expected from then on).
     seen: BTreeSet<String>,
+    /// When the watch showed a controller's deletion starting (deletionTimestamp).
+    deleted_at: BTreeMap<String, Instant>,
+    /// Restored controllers not available yet, with when their loss started.
+    awaiting: BTreeMap<String, Instant>,
 }
 
 impl Keeper {
@@ -347,6 +367,8 @@ impl Keeper {
             reported_no_snapshot: false,
             last_restore: None,
             seen: BTreeSet::new(),
+            deleted_at: BTreeMap::new(),
+            awaiting: BTreeMap::new(),
         }
     }
 
@@ -770,7 +792,24 @@ impl Keeper {
             .collect();
         self.gone_since.retain(|c, _| missing.contains(c));
         for m in &missing {
-            self.gone_since.entry(m.clone()).or_insert(now);
+            let since = self.deleted_at.get(m).copied().unwrap_or(now);
+            self.gone_since.entry(m.clone()).or_insert(since);
+        }
+        self.deleted_at
+            .retain(|c, _| missing.contains(c) || deployments.contains_key(c));
+        // Restored controllers that are available again: the full time to restore.
+        let back: Vec<(String, Instant)> = self
+            .awaiting
+            .iter()
+            .filter(|(c, _)| deployments.get(*c).is_some_and(available))
+            .map(|(c, t)| (c.clone(), *t))
+            .collect();
+        for (name, since) in back {
+            self.awaiting.remove(&name);
+            let secs = now.duration_since(since).as_secs_f64();
+            self.metrics.restore_available_seconds.observe(secs);
+            tracing::info!(deployment = %name, namespace = %self.cfg.flux_namespace, time_to_available_s = secs,
+                "flux guard: restored Flux controller is available again");
         }
         let present: Vec<Value> = wanted
             .iter()
@@ -799,7 +838,9 @@ impl Keeper {
         // of the other objects are re-applied meanwhile too.
         if settling && missing.is_empty() {
             if let Some(snap) = self.snapshot.clone() {
-                self.restore(&snap).await?;
+                // A Deployment deleted before the watch says so is re-applied here: reported too.
+                let restored = self.restore(&snap).await?;
+                self.report_restored(restored, now).await;
             }
             return Ok(());
         }
@@ -841,10 +882,19 @@ impl Keeper {
         };
         tracing::error!(missing = %missing.join(","), "flux guard: Flux controllers are gone; restoring from the snapshot");
         let restored = self.restore(&snap).await?;
+        self.last_restore = Some(Instant::now());
+        self.report_restored(restored, now).await;
+        Ok(())
+    }
+
+    /// Metric, log line and Event for each re-applied Deployment; the loss
+    /// started when it was seen gone, else at its deletionTimestamp, else `now`.
+    async fn report_restored(&mut self, restored: Vec<(String, ObjectReference)>, now: Instant) {
         let done = Instant::now();
-        self.last_restore = Some(done);
         for (name, reference) in restored {
-            let since = self.gone_since.remove(&name).unwrap_or(now);
+            let deleted = self.deleted_at.remove(&name);
+            let since = self.gone_since.remove(&name).or(deleted).unwrap_or(now);
+            self.awaiting.insert(name.clone(), since);
             let secs = done.duration_since(since).as_secs_f64();
             self.metrics.restore_seconds.observe(secs);
             tracing::warn!(deployment = %name, namespace = %self.cfg.flux_namespace, time_to_restore_s = secs,
@@ -857,7 +907,22 @@ impl Keeper {
             )
             .await;
         }
-        Ok(())
+    }
+
+    /// Remember when a controller's deletion started (its deletionTimestamp);
+    /// a live object without one (re-created) clears it.
+    fn note_deletion(&mut self, o: &DynamicObject, deleted: bool) {
+        let Some(name) = &o.metadata.name else { return };
+        match &o.metadata.deletion_timestamp {
+            Some(t) => {
+                let at = loss_start(Instant::now(), jiff::Timestamp::now(), Some(t.0));
+                self.deleted_at.entry(name.clone()).or_insert(at);
+            }
+            None if !deleted => {
+                self.deleted_at.remove(name);
+            }
+            None => {}
+        }
     }
 
     /// Watch the Flux Deployments and keep snapshot and controllers in place, until aborted.
@@ -896,8 +961,8 @@ impl Keeper {
                             watcher::Event::Init => { buffer.clear(); false }
                             watcher::Event::InitApply(o) => { buffer.insert(name(&o), to_value(&o)); false }
                             watcher::Event::InitDone => { current = std::mem::take(&mut buffer); synced = true; true }
-                            watcher::Event::Apply(o) => {  current.insert(name(&o), to_value(&o)); true }
-                            watcher::Event::Delete(o) => {  current.remove(&name(&o)); true }
+                            watcher::Event::Apply(o) => { self.note_deletion(&o, false); current.insert(name(&o), to_value(&o)); true }
+                            watcher::Event::Delete(o) => { self.note_deletion(&o, true); current.remove(&name(&o)); true }
                         }
                     }
                 },
@@ -1023,6 +1088,20 @@ mod tests {
                 "running {running:?} known {known:?}"
             );
         }
+    }
+
+    #[test]
+    fn loss_starts_at_the_deletion_timestamp_when_recent() {
+        let now = Instant::now();
+        let wall: jiff::Timestamp = "2026-01-01T00:00:10Z".parse().unwrap();
+        let at = |s: &str| Some(s.parse::<jiff::Timestamp>().unwrap());
+        assert_eq!(loss_start(now, wall, None), now);
+        if let Some(earlier) = now.checked_sub(Duration::from_secs(3)) {
+            assert_eq!(loss_start(now, wall, at("2026-01-01T00:00:07Z")), earlier);
+        }
+        // In the future (clock skew) or long ago (a stale object): not trusted.
+        assert_eq!(loss_start(now, wall, at("2026-01-01T00:00:20Z")), now);
+        assert_eq!(loss_start(now, wall, at("2025-12-31T00:00:00Z")), now);
     }
 
     #[test]
