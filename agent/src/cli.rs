@@ -88,12 +88,13 @@ pub struct FluxGuardArgs {
     /// Namespace of the Flux controllers.
     #[arg(long, env = "CONTINUUM_FLUX_NAMESPACE", default_value = "flux-system")]
     pub flux_namespace: String,
-    /// Flux controller Deployments (comma separated) that must be available; their loss triggers a restore.
+    /// Flux controller Deployments (comma separated) that must be available once seen; their loss triggers a restore.
+    /// Ones never running here (image automation is optional) are not a loss.
     #[arg(
         long,
         env = "CONTINUUM_FLUX_CONTROLLERS",
         value_delimiter = ',',
-        default_value = "helm-controller,source-controller,kustomize-controller,notification-controller"
+        default_value = "helm-controller,source-controller,kustomize-controller,notification-controller,image-reflector-controller,image-automation-controller"
     )]
     pub flux_controllers: Vec<String>,
     /// The HelmRelease (namespace/name) that installs Flux, for the version-skew check.
@@ -309,6 +310,10 @@ mod tests {
         let d = Fg::try_parse_from(["x"]).unwrap().a.config().unwrap();
         let want = crate::flux_guard::Config::default();
         assert_eq!(d.controllers, want.controllers);
+        // Image automation is part of Flux's default install: its loss is a loss too.
+        for c in ["image-reflector-controller", "image-automation-controller"] {
+            assert!(d.controllers.iter().any(|x| x == c), "{c} in the defaults");
+        }
         assert_eq!(
             (d.flux_release.as_str(), d.max_chart_bytes, d.fetch_timeout),
             (

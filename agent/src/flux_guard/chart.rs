@@ -44,6 +44,19 @@ pub struct ChartContents {
     pub crds: Vec<ChartCrd>,
     /// Controller image tags from each chart's `values.yaml` (by chart path; flux2 layout).
     pub image_tags: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+    /// `templates/` documents that declare `kind: CustomResourceDefinition` but
+    /// do not render without values into a CRD the guard can read: Helm may
+    /// still send them, so the guard cannot call the chart safe.
+    pub unverifiable: Vec<Unverifiable>,
+}
+
+/// A template document that looks like a CRD and could not be read as one.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Unverifiable {
+    /// Archive path of the template.
+    pub file: String,
+    /// Why it could not be read (YAML error or CRD error).
+    pub why: String,
 }
 
 impl ChartContents {
@@ -184,10 +197,37 @@ fn parse_yaml(doc: &str) -> Result<Value, String> {
     Value::deserialize(de).map_err(|e| e.to_string())
 }
 
-/// CRDs of one file. `crds/` files must parse; template documents that do not are skipped.
-fn crds_of(file: &str, text: &str, template: bool) -> Result<Vec<ChartCrd>, ChartError> {
+/// Whether a document declares a top-level `kind: CustomResourceDefinition`
+/// (indented text, e.g. inside a block scalar, does not count).
+pub fn looks_like_crd(doc: &str) -> bool {
+    doc.lines().any(|l| {
+        l.strip_prefix("kind:").is_some_and(|v| {
+            let v = v.split('#').next().unwrap_or("").trim();
+            v.trim_matches(|c| c == '"' || c == '\'') == "CustomResourceDefinition"
+        })
+    })
+}
+
+/// CRDs of one file, and the template documents that look like CRDs but cannot
+/// be read. `crds/` files must parse; other template documents that do not are
+/// skipped (a broken ConfigMap template is Helm's problem, not a CRD risk).
+fn crds_of(
+    file: &str,
+    text: &str,
+    template: bool,
+) -> Result<(Vec<ChartCrd>, Vec<Unverifiable>), ChartError> {
     let mut out = Vec::new();
+    let mut unverifiable = Vec::new();
+    let mut cannot_verify = |looks: bool, why: String| {
+        if looks {
+            unverifiable.push(Unverifiable {
+                file: file.into(),
+                why,
+            });
+        }
+    };
     for doc in documents(text) {
+        let looks = template && looks_like_crd(&doc);
         let rendered = if template && doc.contains("{{") {
             render_without_values(&doc)
         } else {
@@ -195,7 +235,13 @@ fn crds_of(file: &str, text: &str, template: bool) -> Result<Vec<ChartCrd>, Char
         };
         let v = match parse_yaml(&rendered) {
             Ok(v) => v,
-            Err(_) if template => continue,
+            Err(message) if template => {
+                cannot_verify(
+                    looks,
+                    format!("invalid YAML once rendered without values: {message}"),
+                );
+                continue;
+            }
             Err(message) => {
                 return Err(ChartError::Yaml {
                     file: file.into(),
@@ -204,6 +250,12 @@ fn crds_of(file: &str, text: &str, template: bool) -> Result<Vec<ChartCrd>, Char
             }
         };
         if !crd::is_crd(&v) {
+            if template {
+                cannot_verify(
+                    looks,
+                    "declares kind: CustomResourceDefinition but does not render to an apiextensions.k8s.io CRD without values".into(),
+                );
+            }
             continue;
         }
         match crd::parse(&v) {
@@ -212,7 +264,10 @@ fn crds_of(file: &str, text: &str, template: bool) -> Result<Vec<ChartCrd>, Char
                 file: file.into(),
                 from_templates: template,
             }),
-            Err(_) if template => continue,
+            Err(e) if template => {
+                cannot_verify(looks, e.to_string());
+                continue;
+            }
             Err(source) => {
                 return Err(ChartError::Crd {
                     file: file.into(),
@@ -221,7 +276,7 @@ fn crds_of(file: &str, text: &str, template: bool) -> Result<Vec<ChartCrd>, Char
             }
         }
     }
-    Ok(out)
+    Ok((out, unverifiable))
 }
 
 fn chart_meta(path: String, file: &str, text: &str) -> Result<ChartMeta, ChartError> {
@@ -348,8 +403,12 @@ fn walk(
                     }
                 }
             }
-            Kind::Crds => out.crds.extend(crds_of(&full, &text(), false)?),
-            Kind::Template => out.crds.extend(crds_of(&full, &text(), true)?),
+            Kind::Crds => out.crds.extend(crds_of(&full, &text(), false)?.0),
+            Kind::Template => {
+                let (crds, unverifiable) = crds_of(&full, &text(), true)?;
+                out.crds.extend(crds);
+                out.unverifiable.extend(unverifiable);
+            }
             Kind::Nested(_) => walk(&buf, &full, depth + 1, left, exceeded, out)?,
             Kind::Other => {}
         }
@@ -391,16 +450,217 @@ mod tests {
     #[test]
     fn renders_templates_without_values() {
         let t = "{{- if .Values.installCRDs }}\napiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: a.b\n  labels:\n    app: {{ .Release.Name }}\nspec:\n  group: b\n  names: {plural: a}\n  versions: [{name: v1, served: true, storage: true}]\n{{- end }}\n";
-        let crds = crds_of("t.yaml", t, true).unwrap();
+        let (crds, unverifiable) = crds_of("t.yaml", t, true).unwrap();
         assert_eq!(crds.len(), 1);
+        assert!(unverifiable.is_empty());
         assert_eq!(crds[0].crd.storage_version(), Some("v1"));
         // A broken document in templates is skipped; in crds/ it is an error.
         let bad = "a: [\n---\nkind: ConfigMap\n";
-        assert!(crds_of("t.yaml", bad, true).unwrap().is_empty());
+        assert_eq!(crds_of("t.yaml", bad, true).unwrap(), (vec![], vec![]));
         assert_eq!(
             crds_of("c.yaml", bad, false).unwrap_err().label(),
             "chart_yaml"
         );
+    }
+
+    #[test]
+    fn template_crds_that_cannot_be_read_are_reported() {
+        let cases = [
+            // Broken once rendered: a multi-line action leaves an unclosed flow sequence.
+            (
+                "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: a.b\nspec: {{ toYaml\n  .Values.spec }}\n  versions: [\n",
+                true,
+            ),
+            // apiVersion from values: not provably a CRD.
+            (
+                "apiVersion: {{ .Values.crdApi }}\nkind: CustomResourceDefinition\nmetadata:\n  name: a.b\n",
+                true,
+            ),
+            // Quoted kind, no group: parses but is not a usable CRD.
+            (
+                "apiVersion: apiextensions.k8s.io/v1\nkind: \"CustomResourceDefinition\"\nmetadata:\n  name: a.b\nspec:\n  versions: []\n",
+                true,
+            ),
+            // The text only inside a block scalar: not a CRD declaration.
+            (
+                "apiVersion: v1\nkind: ConfigMap\ndata:\n  x: |\n    kind: CustomResourceDefinition\n    a: [\n",
+                false,
+            ),
+        ];
+        for (doc, want) in cases {
+            let (crds, unverifiable) = crds_of("c/templates/x.yaml", doc, true).unwrap();
+            assert!(crds.is_empty(), "{doc}");
+            assert_eq!(
+                unverifiable.len(),
+                usize::from(want),
+                "{doc}: {unverifiable:?}"
+            );
+            if want {
+                assert_eq!(unverifiable[0].file, "c/templates/x.yaml");
+            }
+        }
+        // Through a whole archive: the contents say which template.
+        let t = tgz(&[
+            ("c/Chart.yaml", b"name: c\nversion: 1.0.0\n".to_vec()),
+            ("c/templates/x.yaml", cases[1].0.as_bytes().to_vec()),
+        ]);
+        let c = extract(&t, 1 << 20).unwrap();
+        assert_eq!(c.unverifiable.len(), 1);
+        assert_eq!(c.unverifiable[0].file, "c/templates/x.yaml");
+    }
+
+    /// A tar.gz of `(path, bytes)` files.
+    fn tgz(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut b = tar::Builder::new(gz);
+        for (path, content) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(content.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, path, content.as_slice()).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap()
+    }
+
+    const CRD: &str = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: a.b\nspec:\n  group: b\n  names: {plural: a}\n  versions: [{name: v1, served: true, storage: true}]\n";
+
+    /// A small chart like the seed corpus: crds/, templates/, values, a nested subchart.
+    fn sample_chart() -> Vec<u8> {
+        let sub = tgz(&[
+            ("sub/Chart.yaml", b"name: sub\nversion: 0.1.0\n".to_vec()),
+            (
+                "sub/templates/crd.yaml",
+                format!("{{{{- if .Values.crds }}}}\n{CRD}{{{{- end }}}}\n").into_bytes(),
+            ),
+        ]);
+        tgz(&[
+            (
+                "c/Chart.yaml",
+                b"name: c\nversion: 1.0.0\nappVersion: 2.4.0\n".to_vec(),
+            ),
+            (
+                "c/values.yaml",
+                b"helmController:\n  tag: v1.1.0\n".to_vec(),
+            ),
+            ("c/crds/a.yaml", CRD.as_bytes().to_vec()),
+            ("c/charts/sub-0.1.0.tgz", sub),
+        ])
+    }
+
+    /// Truncated and bit-flipped archives: an error or a bounded result, never a panic.
+    #[test]
+    fn truncated_and_corrupted_archives_are_errors_not_panics() {
+        let good = sample_chart();
+        let c = extract(&good, 1 << 20).unwrap();
+        assert_eq!(c.crds.len(), 2);
+        assert_eq!(c.charts.len(), 2);
+        let mut errors = 0;
+        for n in 0..good.len() {
+            match extract(&good[..n], 1 << 20) {
+                Err(_) => errors += 1,
+                // Only a cut after tar's end-of-archive blocks (in gzip's tail) reads
+                // through: then nothing was lost. A cut never silently drops a CRD.
+                Ok(c) => assert_eq!((c.crds.len(), c.charts.len()), (2, 2), "prefix {n}"),
+            }
+        }
+        assert!(errors > good.len() * 9 / 10, "{errors} of {}", good.len());
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mut bad = good.clone();
+            let i = (x % bad.len() as u64) as usize;
+            bad[i] ^= 1 << (x >> 61);
+            if let Ok(c) = extract(&bad, 1 << 20) {
+                assert!(c.crds.len() <= 2 && c.charts.len() <= 2);
+            }
+        }
+    }
+
+    #[test]
+    fn bounds_hold() {
+        // Total unpacked bytes: a gzip bomb of zeros stops at the limit.
+        let bomb = tgz(&[
+            ("c/Chart.yaml", b"name: c\nversion: 1\n".to_vec()),
+            ("c/templates/big.yaml", vec![b' '; 4 << 20]),
+        ]);
+        assert!(bomb.len() < 64 * 1024, "compresses well: {}", bomb.len());
+        match extract(&bomb, 1 << 20) {
+            Err(ChartError::TooLarge { limit }) => assert_eq!(limit, 1 << 20),
+            other => panic!("{other:?}"),
+        }
+        // One file over MAX_FILE_BYTES by its header: refused before reading it.
+        let mut h = tar::Header::new_gnu();
+        h.set_path("c/templates/huge.yaml").unwrap();
+        h.set_size(MAX_FILE_BYTES + 1);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, h.as_bytes()).unwrap();
+        let huge = gz.finish().unwrap();
+        match extract(&huge, u64::MAX) {
+            Err(ChartError::TooLarge { limit }) => assert_eq!(limit, MAX_FILE_BYTES),
+            other => panic!("{other:?}"),
+        }
+        // Nesting: MAX_DEPTH levels of charts/*.tgz are read, one more is refused.
+        let nest = |levels: usize| {
+            let mut inner = tgz(&[("n/Chart.yaml", b"name: n\nversion: 1\n".to_vec())]);
+            for _ in 0..levels {
+                inner = tgz(&[
+                    ("n/Chart.yaml", b"name: n\nversion: 1\n".to_vec()),
+                    ("n/charts/n.tgz", inner),
+                ]);
+            }
+            inner
+        };
+        assert_eq!(
+            extract(&nest(MAX_DEPTH), 1 << 20).unwrap().charts.len(),
+            MAX_DEPTH + 1
+        );
+        assert_eq!(
+            extract(&nest(MAX_DEPTH + 1), 1 << 20).unwrap_err().label(),
+            "chart_too_deep"
+        );
+    }
+
+    proptest::proptest! {
+        /// Arbitrary splices into a real archive never panic, and a result stays bounded.
+        #[test]
+        fn mutated_archives_never_panic(at in 0usize..4096, junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), cut in 0usize..4096) {
+            let mut bad = sample_chart();
+            let at = at % (bad.len() + 1);
+            bad.splice(at..(at + junk.len()).min(bad.len()), junk);
+            bad.truncate(bad.len().saturating_sub(cut % 8));
+            if let Ok(c) = extract(&bad, 1 << 20) {
+                proptest::prop_assert!(c.crds.len() <= 2 && c.charts.len() <= 2);
+            }
+        }
+    }
+
+    /// The fuzz seed is a real chart: what the fuzzer mutates starts from a readable archive.
+    #[test]
+    fn fuzz_seed_is_a_chart() {
+        let seed = include_bytes!("../../fuzz/seeds/chart_archive/bp-flux-1.1.2.tgz");
+        let c = extract(seed, 1 << 20).unwrap();
+        assert_eq!(c.root().map(|r| r.name.as_str()), Some("bp-flux"));
+        assert_eq!(
+            c.chart_named("flux2")
+                .and_then(|f| f.app_version.as_deref()),
+            Some("2.4.0")
+        );
+        assert_eq!(
+            c.crds
+                .iter()
+                .map(|c| (c.crd.name.as_str(), c.from_templates))
+                .collect::<Vec<_>>(),
+            [
+                ("helmreleases.helm.toolkit.fluxcd.io", false),
+                ("helmreleases.helm.toolkit.fluxcd.io", true)
+            ]
+        );
+        assert!(c.unverifiable.is_empty());
     }
 
     #[test]

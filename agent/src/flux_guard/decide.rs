@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use super::chart::ChartCrd;
+use super::chart::{ChartCrd, Unverifiable};
 use super::crd::CrdView;
 use super::source::CrdPolicy;
 
@@ -40,6 +40,9 @@ pub enum Violation {
     RemovedWithObjects { crd: String },
     /// The chart drops a CRD whose objects the agent cannot list.
     RemovedUnverifiable { crd: String },
+    /// A `templates/` document declares a CRD the guard cannot read without
+    /// values: Helm may send it, so nothing can be said about it.
+    TemplateUnverifiable { file: String, why: String },
 }
 
 impl Violation {
@@ -51,11 +54,14 @@ impl Violation {
             Self::StorageVersionCount { .. } => "storage_version_count",
             Self::RemovedWithObjects { .. } => "crd_removed_with_objects",
             Self::RemovedUnverifiable { .. } => "crd_removed_unverifiable",
+            Self::TemplateUnverifiable { .. } => "crd_template_unverifiable",
         }
     }
 
+    /// The CRD concerned (the template file for [`Violation::TemplateUnverifiable`]).
     pub fn crd(&self) -> &str {
         match self {
+            Self::TemplateUnverifiable { file, .. } => file,
             Self::StoredVersionMissing { crd, .. }
             | Self::StoredVersionUnserved { crd, .. }
             | Self::StorageVersionCount { crd, .. }
@@ -95,6 +101,10 @@ impl fmt::Display for Violation {
                 f,
                 "CRD {crd}: the chart no longer carries it and the agent may not list its objects to prove none exist"
             ),
+            Self::TemplateUnverifiable { file, why } => write!(
+                f,
+                "cannot verify CRD in {file}: {why} (render it without values, or review and override)"
+            ),
         }
     }
 }
@@ -108,6 +118,8 @@ pub struct Input {
     pub live: BTreeMap<String, CrdView>,
     /// CRDs of the previous checked revision absent from this one, with their state.
     pub removed: BTreeMap<String, Removed>,
+    /// `templates/` documents that look like CRDs and cannot be read.
+    pub unverifiable: Vec<Unverifiable>,
     /// Whether the HelmRelease carries an override for exactly this revision.
     pub overridden: bool,
 }
@@ -169,6 +181,12 @@ pub fn violations(input: &Input) -> Vec<Violation> {
                 out.insert(Violation::RemovedUnverifiable { crd: crd.clone() });
             }
         }
+    }
+    for u in &input.unverifiable {
+        out.insert(Violation::TemplateUnverifiable {
+            file: u.file.clone(),
+            why: u.why.clone(),
+        });
     }
     out.into_iter().collect()
 }
@@ -356,6 +374,17 @@ mod tests {
                 vec!["crd_removed_with_objects", "crd_removed_unverifiable"],
             ),
             (
+                "a template that looks like a CRD and cannot be read",
+                Input {
+                    unverifiable: vec![Unverifiable {
+                        file: "c/templates/crd.yaml".into(),
+                        why: "invalid YAML".into(),
+                    }],
+                    ..Default::default()
+                },
+                vec!["crd_template_unverifiable"],
+            ),
+            (
                 "duplicate CRD in parent and subchart reported once",
                 Input {
                     chart: vec![crd(HR, &[("v2beta1", true, true)], &[]); 2],
@@ -394,6 +423,13 @@ mod tests {
         };
         let s = v.to_string();
         assert!(s.contains(HR) && s.contains("v2 ") && s.contains("[v2beta1, v2beta2]"));
+        let t = Violation::TemplateUnverifiable {
+            file: "c/templates/x.yaml".into(),
+            why: "invalid YAML".into(),
+        };
+        assert!(t
+            .to_string()
+            .starts_with("cannot verify CRD in c/templates/x.yaml: invalid YAML"));
     }
 
     #[test]

@@ -26,6 +26,7 @@ use super::crd::{self, CrdView};
 use super::decide::{self, Input, Removed, Verdict, Violation};
 use super::fetch::{FetchError, Fetcher};
 use super::metrics::Metrics;
+use super::release::{self, ReleaseError};
 use super::skew::{self, FluxVersion, SkewState};
 use super::source::{self, Artifact, GuardedHr, SourceKind, SourceRef};
 use super::{
@@ -67,6 +68,20 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("reading Helm release Secret {namespace}/{name}: {source}")]
+    GetRelease {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("Helm release Secret {namespace}/{name}: {source}")]
+    Release {
+        namespace: String,
+        name: String,
+        #[source]
+        source: ReleaseError,
+    },
     #[error("patching the HelmRelease: {0}")]
     Patch(#[source] kube::Error),
 }
@@ -85,6 +100,8 @@ impl Error {
             Self::GetCrd { .. } => "get_crd",
             Self::LiveCrd { source, .. } => source.label(),
             Self::ListObjects { .. } => "list_objects",
+            Self::GetRelease { .. } => "get_release_secret",
+            Self::Release { source, .. } => source.label(),
             Self::Patch(_) => "patch_helmrelease",
         }
     }
@@ -235,6 +252,36 @@ async fn live_crd(client: &Client, name: &str) -> Result<Option<CrdView>, Error>
     let v = serde_json::to_value(&o).unwrap_or(Value::Null);
     crd::parse(&v).map(Some).map_err(|source| Error::LiveCrd {
         name: name.into(),
+        source,
+    })
+}
+
+/// Templated CRDs of the Helm release the next upgrade starts from (its
+/// storage Secret, read by name). A Secret that does not exist gives nothing:
+/// Helm cannot compute deletions from a release it cannot read either.
+async fn installed_crds(client: &Client, hr: &GuardedHr) -> Result<BTreeSet<String>, Error> {
+    let Some((namespace, name)) = hr.current_release() else {
+        return Ok(BTreeSet::new());
+    };
+    let ar =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("", "v1", "Secret"), "secrets");
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, &ar);
+    let got = api
+        .get_opt(&name)
+        .await
+        .map_err(|source| Error::GetRelease {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            source,
+        })?;
+    let Some(secret) = got else {
+        tracing::debug!(namespace = %namespace, name = %name, "Helm release Secret named by status.history not found");
+        return Ok(BTreeSet::new());
+    };
+    let v = serde_json::to_value(&secret).unwrap_or(Value::Null);
+    release::deletable_crds(&v).map_err(|source| Error::Release {
+        namespace,
+        name,
         source,
     })
 }
@@ -408,7 +455,8 @@ async fn check(
     let chart_crds: Vec<CrdView> =
         decide::applied_crds(&contents.crds, hr.crd_policy(), &live_names);
     let names = decide::deletable_names(&contents.crds);
-    let previous: BTreeSet<String> = hr
+    // What the last checked revision carried, and what Helm actually installed.
+    let mut previous: BTreeSet<String> = hr
         .annotation(ANNOTATION_CRDS)
         .unwrap_or("")
         .split(',')
@@ -416,6 +464,7 @@ async fn check(
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect();
+    previous.extend(installed_crds(&ctx.client, hr).await?);
     let mut removed = BTreeMap::new();
     for r in decide::removed_names(&previous, &names) {
         if let Some(l) = live_crd(&ctx.client, &r).await? {
@@ -428,6 +477,7 @@ async fn check(
         chart: chart_crds,
         live,
         removed,
+        unverifiable: contents.unverifiable.clone(),
         overridden,
     };
     let verdict = decide::decide(&input);
@@ -450,9 +500,13 @@ async fn check(
                 return Ok(Outcome::StillBlocked);
             }
             // Suspend first: nothing else is written before helm-controller is stopped.
+            // No resourceVersion precondition: suspending is the safe direction
+            // whatever changed meanwhile (a concurrent status or spec update must
+            // not turn into a 409, a re-download and a later suspend), and a
+            // changed spec or source is re-checked by the watch anyway. The
+            // merge patch touches only these fields.
             let patch = json!({
                 "metadata": {
-                    "resourceVersion": hr.metadata.resource_version,
                     "annotations": {ANNOTATION_BLOCKED: key, ANNOTATION_BLOCKED_REASON: text},
                 },
                 "spec": {"suspend": true},
@@ -480,9 +534,12 @@ async fn check(
         }
         Verdict::Pass | Verdict::Overridden(_) => {
             let resume = was_blocked && hr.suspended();
+            // Resuming keeps the resourceVersion precondition: it lets
+            // helm-controller act, so only on exactly the object that was checked.
+            // Recording the checked artifact alone is keyed by the artifact and
+            // needs none.
             let mut patch = json!({
                 "metadata": {
-                    "resourceVersion": hr.metadata.resource_version,
                     "annotations": {
                         ANNOTATION_CHECKED: key,
                         ANNOTATION_CRDS: crd_list,
@@ -493,6 +550,7 @@ async fn check(
             });
             if resume {
                 patch["spec"] = json!({"suspend": false});
+                patch["metadata"]["resourceVersion"] = json!(hr.metadata.resource_version);
             }
             api.patch(&name, &pp(), &Patch::Merge(&patch))
                 .await

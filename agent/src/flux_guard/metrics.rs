@@ -28,8 +28,11 @@ pub struct Metrics {
     pub snapshot_bytes: IntGauge,
     /// Objects re-applied from the snapshot, by kind.
     pub restores: IntCounterVec,
-    /// Seconds from seeing a Flux controller gone to having re-applied it.
+    /// Seconds from a Flux controller's loss (deletionTimestamp, else first
+    /// seen gone) to having re-applied it.
     pub restore_seconds: Histogram,
+    /// Seconds from the loss to the re-applied controller being available (the spec's < 60 s).
+    pub restore_available_seconds: Histogram,
     /// 1 when the running Flux version differs from the one the Flux HelmRelease would install.
     pub version_skew: IntGaugeVec,
 }
@@ -103,9 +106,16 @@ impl Metrics {
             restore_seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "continuum_flux_guard_restore_seconds",
-                    "Time from seeing Flux controllers gone to having re-applied them",
+                    "Time from a Flux controller's loss (deletionTimestamp, else first seen gone) to having re-applied it",
                 )
                 .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]),
+            )?,
+            restore_available_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "continuum_flux_guard_restore_available_seconds",
+                    "Time from a Flux controller's loss to the re-applied Deployment being available again",
+                )
+                .buckets(vec![0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0]),
             )?,
             version_skew: IntGaugeVec::new(
                 Opts::new(
@@ -128,6 +138,7 @@ impl Metrics {
         registry.register(Box::new(m.snapshot_bytes.clone()))?;
         registry.register(Box::new(m.restores.clone()))?;
         registry.register(Box::new(m.restore_seconds.clone()))?;
+        registry.register(Box::new(m.restore_available_seconds.clone()))?;
         registry.register(Box::new(m.version_skew.clone()))?;
         Ok(m)
     }

@@ -19,6 +19,7 @@ pub mod decide;
 pub mod fetch;
 pub mod guard;
 pub mod metrics;
+pub mod release;
 pub mod skew;
 pub mod snapshot;
 pub mod source;
@@ -50,7 +51,8 @@ pub const SAFE_PROCEDURE: &str = "safe procedure: keep the stored versions serve
 pub struct Config {
     /// Namespace of the Flux controllers.
     pub flux_namespace: String,
-    /// Deployments that make Flux healthy; their loss triggers a restore.
+    /// Deployments that make Flux healthy; their loss triggers a restore. Those
+    /// never seen running (optional image automation) are not expected.
     pub controllers: Vec<String>,
     /// `namespace/name` of the HelmRelease that installs Flux (version skew).
     pub flux_release: String,
@@ -78,6 +80,8 @@ impl Default for Config {
                 "source-controller",
                 "kustomize-controller",
                 "notification-controller",
+                "image-reflector-controller",
+                "image-automation-controller",
             ]
             .iter()
             .map(|s| s.to_string())

@@ -1,9 +1,16 @@
 //! Flux controller loss (seed 000: a failed Helm upgrade's rollback deleted every
 //! Flux controller). While the controllers are available, their manifests
-//! (Deployments, ServiceAccounts, the ClusterRoles/Bindings they are bound by,
-//! the Flux CRDs) are kept, stripped of server fields and gzip-compressed, in a
-//! ConfigMap the agent owns. When a controller disappears, every missing object
-//! of the snapshot is re-applied with server-side apply.
+//! (Deployments, ServiceAccounts, the ClusterRoles/Bindings and the Flux
+//! namespace's Roles/RoleBindings they are bound by, the Services selecting them,
+//! Flux's NetworkPolicies, the Flux CRDs) are kept, stripped of server fields and
+//! gzip-compressed, in a ConfigMap the agent owns. When a controller disappears,
+//! every missing object of the snapshot is re-applied with server-side apply.
+//!
+//! Controllers of `--flux-controllers` that never ran here (image automation is
+//! optional) are not a loss: only those seen running, or in the snapshot, are
+//! expected. Time to restore is measured from the first sign of loss (the
+//! Deployment's deletionTimestamp when the watch shows one, else the moment it
+//! is seen gone) to re-applied, and to available again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -63,9 +70,75 @@ const KINDS: &[(&str, &str, &str, &str, bool)] = &[
         "clusterrolebindings",
         false,
     ),
+    ("rbac.authorization.k8s.io", "v1", "Role", "roles", true),
+    (
+        "rbac.authorization.k8s.io",
+        "v1",
+        "RoleBinding",
+        "rolebindings",
+        true,
+    ),
+    (
+        "networking.k8s.io",
+        "v1",
+        "NetworkPolicy",
+        "networkpolicies",
+        true,
+    ),
     ("", "v1", "Service", "services", true),
     ("apps", "v1", "Deployment", "deployments", true),
 ];
+
+/// The controllers expected to run: those of `wanted` running now or known
+/// (in the snapshot, or seen running by this process). When none is known yet
+/// (a fresh agent, no snapshot, no controller running) all are expected, so
+/// a Flux with no controller at all is still reported.
+pub fn expected_controllers(
+    wanted: &[String],
+    running: &BTreeSet<String>,
+    known: &BTreeSet<String>,
+) -> Vec<String> {
+    let expected: Vec<String> = wanted
+        .iter()
+        .filter(|c| running.contains(*c) || known.contains(*c))
+        .cloned()
+        .collect();
+    if expected.is_empty() {
+        wanted.to_vec()
+    } else {
+        expected
+    }
+}
+
+/// When a loss started: the deletionTimestamp (second precision, so the figure
+/// can only come out longer) when it is in the recent past, else `now`.
+pub fn loss_start(
+    now: Instant,
+    wall_now: jiff::Timestamp,
+    deletion: Option<jiff::Timestamp>,
+) -> Instant {
+    deletion
+        .and_then(|t| Duration::try_from(wall_now.duration_since(t)).ok())
+        .filter(|age| *age < Duration::from_secs(600))
+        .and_then(|age| now.checked_sub(age))
+        .unwrap_or(now)
+}
+
+/// Whether a (Cluster)RoleBinding names one of the Flux ServiceAccounts.
+fn binds_flux(binding: &Value, ns: &str, sa_names: &BTreeSet<String>) -> bool {
+    binding
+        .get("subjects")
+        .and_then(Value::as_array)
+        .is_some_and(|s| {
+            s.iter().any(|s| {
+                s.get("kind").and_then(Value::as_str) == Some("ServiceAccount")
+                    && s.get("namespace").and_then(Value::as_str) == Some(ns)
+                    && s.get("name")
+                        .and_then(Value::as_str)
+                        .is_some_and(|n| sa_names.contains(n))
+            })
+        })
+}
 
 /// ClusterRoles Kubernetes provides; bindings to them are kept, the roles are not.
 fn builtin_role(name: &str) -> bool {
@@ -261,6 +334,12 @@ pub struct Keeper {
     reported_no_snapshot: bool,
     /// Last restore: for a while after it, objects deleted late are re-applied too.
     last_restore: Option<Instant>,
+    /// Controllers seen running by this process (expected from then on).
+    seen: BTreeSet<String>,
+    /// When the watch showed a controller's deletion starting (deletionTimestamp).
+    deleted_at: BTreeMap<String, Instant>,
+    /// Restored controllers not available yet, with when their loss started.
+    awaiting: BTreeMap<String, Instant>,
 }
 
 impl Keeper {
@@ -287,6 +366,9 @@ impl Keeper {
             gone_since: BTreeMap::new(),
             reported_no_snapshot: false,
             last_restore: None,
+            seen: BTreeSet::new(),
+            deleted_at: BTreeMap::new(),
+            awaiting: BTreeMap::new(),
         }
     }
 
@@ -403,19 +485,7 @@ impl Keeper {
         let mut bindings = Vec::new();
         for b in &list.items {
             let v = to_value(b);
-            let binds_flux = v
-                .get("subjects")
-                .and_then(Value::as_array)
-                .is_some_and(|s| {
-                    s.iter().any(|s| {
-                        s.get("kind").and_then(Value::as_str) == Some("ServiceAccount")
-                            && s.get("namespace").and_then(Value::as_str) == Some(ns.as_str())
-                            && s.get("name")
-                                .and_then(Value::as_str)
-                                .is_some_and(|n| sa_names.contains(n))
-                    })
-                });
-            if !binds_flux {
+            if !binds_flux(&v, ns, &sa_names) {
                 continue;
             }
             if v.pointer("/roleRef/kind").and_then(Value::as_str) == Some("ClusterRole") {
@@ -426,6 +496,46 @@ impl Keeper {
                 }
             }
             bindings.push(strip(&v));
+        }
+        // RoleBindings of the Flux namespace naming them (namespaced installs,
+        // leader election), their Roles, and the ClusterRoles they bind.
+        let rbs: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            ns,
+            &ar(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "RoleBinding",
+                "rolebindings",
+            ),
+        );
+        let list = rbs
+            .list(&ListParams::default())
+            .await
+            .map_err(|source| Error::Read {
+                what: "Flux RoleBindings",
+                source,
+            })?;
+        let mut ns_roles = BTreeSet::new();
+        let mut ns_bindings = Vec::new();
+        for b in &list.items {
+            let v = to_value(b);
+            if !binds_flux(&v, ns, &sa_names) {
+                continue;
+            }
+            match (
+                v.pointer("/roleRef/kind").and_then(Value::as_str),
+                v.pointer("/roleRef/name").and_then(Value::as_str),
+            ) {
+                (Some("Role"), Some(r)) => {
+                    ns_roles.insert(r.to_string());
+                }
+                (Some("ClusterRole"), Some(r)) if !builtin_role(r) => {
+                    roles.insert(r.to_string());
+                }
+                _ => {}
+            }
+            ns_bindings.push(strip(&v));
         }
         let crs: Api<DynamicObject> = Api::all_with(
             self.client.clone(),
@@ -445,6 +555,40 @@ impl Keeper {
             }
         }
         objects.extend(bindings);
+        let nsr: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            ns,
+            &ar("rbac.authorization.k8s.io", "v1", "Role", "roles"),
+        );
+        for r in &ns_roles {
+            if let Some(role) = nsr.get_opt(r).await.map_err(|source| Error::Read {
+                what: "Flux Roles",
+                source,
+            })? {
+                objects.push(strip(&to_value(&role)));
+            }
+        }
+        objects.extend(ns_bindings);
+        // Flux's NetworkPolicies (allow-egress, allow-scraping, allow-webhooks):
+        // without allow-egress restored controllers cannot reach their sources.
+        let nps: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            ns,
+            &ar(
+                "networking.k8s.io",
+                "v1",
+                "NetworkPolicy",
+                "networkpolicies",
+            ),
+        );
+        let list = nps
+            .list(&ListParams::default().labels(FLUX_PART_OF))
+            .await
+            .map_err(|source| Error::Read {
+                what: "Flux NetworkPolicies",
+                source,
+            })?;
+        objects.extend(list.items.iter().map(|n| strip(&to_value(n))));
         // Services selecting controller pods (source-controller serves the artifacts).
         let pod_labels: Vec<&serde_json::Map<String, Value>> = deployments
             .iter()
@@ -628,7 +772,19 @@ impl Keeper {
     /// One evaluation over the current Flux Deployments.
     async fn evaluate(&mut self, deployments: &BTreeMap<String, Value>) -> Result<(), Error> {
         let now = Instant::now();
-        let wanted: Vec<&String> = self.cfg.controllers.iter().collect();
+        let running: BTreeSet<String> = deployments.keys().cloned().collect();
+        let mut known = self.seen.clone();
+        if let Some(s) = &self.snapshot {
+            known.extend(s.deployments());
+        }
+        let expected = expected_controllers(&self.cfg.controllers, &running, &known);
+        let wanted: Vec<&String> = expected.iter().collect();
+        self.seen.extend(
+            wanted
+                .iter()
+                .filter(|c| running.contains(**c))
+                .map(|c| c.to_string()),
+        );
         let missing: Vec<String> = wanted
             .iter()
             .filter(|c| !deployments.contains_key(c.as_str()))
@@ -636,7 +792,24 @@ impl Keeper {
             .collect();
         self.gone_since.retain(|c, _| missing.contains(c));
         for m in &missing {
-            self.gone_since.entry(m.clone()).or_insert(now);
+            let since = self.deleted_at.get(m).copied().unwrap_or(now);
+            self.gone_since.entry(m.clone()).or_insert(since);
+        }
+        self.deleted_at
+            .retain(|c, _| missing.contains(c) || deployments.contains_key(c));
+        // Restored controllers that are available again: the full time to restore.
+        let back: Vec<(String, Instant)> = self
+            .awaiting
+            .iter()
+            .filter(|(c, _)| deployments.get(*c).is_some_and(available))
+            .map(|(c, t)| (c.clone(), *t))
+            .collect();
+        for (name, since) in back {
+            self.awaiting.remove(&name);
+            let secs = now.duration_since(since).as_secs_f64();
+            self.metrics.restore_available_seconds.observe(secs);
+            tracing::info!(deployment = %name, namespace = %self.cfg.flux_namespace, time_to_available_s = secs,
+                "flux guard: restored Flux controller is available again");
         }
         let present: Vec<Value> = wanted
             .iter()
@@ -665,7 +838,9 @@ impl Keeper {
         // of the other objects are re-applied meanwhile too.
         if settling && missing.is_empty() {
             if let Some(snap) = self.snapshot.clone() {
-                self.restore(&snap).await?;
+                // A Deployment deleted before the watch says so is re-applied here: reported too.
+                let restored = self.restore(&snap).await?;
+                self.report_restored(restored, now).await;
             }
             return Ok(());
         }
@@ -707,10 +882,19 @@ impl Keeper {
         };
         tracing::error!(missing = %missing.join(","), "flux guard: Flux controllers are gone; restoring from the snapshot");
         let restored = self.restore(&snap).await?;
+        self.last_restore = Some(Instant::now());
+        self.report_restored(restored, now).await;
+        Ok(())
+    }
+
+    /// Metric, log line and Event for each re-applied Deployment; the loss
+    /// started when it was seen gone, else at its deletionTimestamp, else `now`.
+    async fn report_restored(&mut self, restored: Vec<(String, ObjectReference)>, now: Instant) {
         let done = Instant::now();
-        self.last_restore = Some(done);
         for (name, reference) in restored {
-            let since = self.gone_since.remove(&name).unwrap_or(now);
+            let deleted = self.deleted_at.remove(&name);
+            let since = self.gone_since.remove(&name).or(deleted).unwrap_or(now);
+            self.awaiting.insert(name.clone(), since);
             let secs = done.duration_since(since).as_secs_f64();
             self.metrics.restore_seconds.observe(secs);
             tracing::warn!(deployment = %name, namespace = %self.cfg.flux_namespace, time_to_restore_s = secs,
@@ -723,7 +907,22 @@ impl Keeper {
             )
             .await;
         }
-        Ok(())
+    }
+
+    /// Remember when a controller's deletion started (its deletionTimestamp);
+    /// a live object without one (re-created) clears it.
+    fn note_deletion(&mut self, o: &DynamicObject, deleted: bool) {
+        let Some(name) = &o.metadata.name else { return };
+        match &o.metadata.deletion_timestamp {
+            Some(t) => {
+                let at = loss_start(Instant::now(), jiff::Timestamp::now(), Some(t.0));
+                self.deleted_at.entry(name.clone()).or_insert(at);
+            }
+            None if !deleted => {
+                self.deleted_at.remove(name);
+            }
+            None => {}
+        }
     }
 
     /// Watch the Flux Deployments and keep snapshot and controllers in place, until aborted.
@@ -762,8 +961,8 @@ impl Keeper {
                             watcher::Event::Init => { buffer.clear(); false }
                             watcher::Event::InitApply(o) => { buffer.insert(name(&o), to_value(&o)); false }
                             watcher::Event::InitDone => { current = std::mem::take(&mut buffer); synced = true; true }
-                            watcher::Event::Apply(o) => { current.insert(name(&o), to_value(&o)); true }
-                            watcher::Event::Delete(o) => { current.remove(&name(&o)); true }
+                            watcher::Event::Apply(o) => { self.note_deletion(&o, false); current.insert(name(&o), to_value(&o)); true }
+                            watcher::Event::Delete(o) => { self.note_deletion(&o, true); current.remove(&name(&o)); true }
                         }
                     }
                 },
@@ -825,6 +1024,84 @@ mod tests {
             Snapshot::decompress(b"junk").unwrap_err().label(),
             "snapshot_corrupt"
         );
+    }
+
+    #[test]
+    fn optional_controllers_never_seen_are_not_lost() {
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        let wanted: Vec<String> = [
+            "helm-controller",
+            "source-controller",
+            "image-reflector-controller",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let cases: [(&[&str], &[&str], &[&str]); 5] = [
+            // Image automation never installed: only the running ones are expected.
+            (
+                &["helm-controller", "source-controller"],
+                &[],
+                &["helm-controller", "source-controller"],
+            ),
+            // Known from the snapshot (or seen) and gone now: expected, so missing.
+            (
+                &["source-controller"],
+                &["helm-controller", "image-reflector-controller"],
+                &[
+                    "helm-controller",
+                    "source-controller",
+                    "image-reflector-controller",
+                ],
+            ),
+            // Nothing running, nothing known: all expected (Flux is not there at all).
+            (
+                &[],
+                &[],
+                &[
+                    "helm-controller",
+                    "source-controller",
+                    "image-reflector-controller",
+                ],
+            ),
+            // Nothing running, snapshot knows two: those two.
+            (
+                &[],
+                &["helm-controller", "source-controller"],
+                &["helm-controller", "source-controller"],
+            ),
+            // Something running that is not wanted does not count.
+            (
+                &["other"],
+                &[],
+                &[
+                    "helm-controller",
+                    "source-controller",
+                    "image-reflector-controller",
+                ],
+            ),
+        ];
+        for (running, known, want) in cases {
+            assert_eq!(
+                expected_controllers(&wanted, &set(running), &set(known)),
+                want.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                "running {running:?} known {known:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn loss_starts_at_the_deletion_timestamp_when_recent() {
+        let now = Instant::now();
+        let wall: jiff::Timestamp = "2026-01-01T00:00:10Z".parse().unwrap();
+        let at = |s: &str| Some(s.parse::<jiff::Timestamp>().unwrap());
+        assert_eq!(loss_start(now, wall, None), now);
+        if let Some(earlier) = now.checked_sub(Duration::from_secs(3)) {
+            assert_eq!(loss_start(now, wall, at("2026-01-01T00:00:07Z")), earlier);
+        }
+        // In the future (clock skew) or long ago (a stale object): not trusted.
+        assert_eq!(loss_start(now, wall, at("2026-01-01T00:00:20Z")), now);
+        assert_eq!(loss_start(now, wall, at("2025-12-31T00:00:00Z")), now);
     }
 
     #[test]

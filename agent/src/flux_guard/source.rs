@@ -41,7 +41,7 @@ fn de_spec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
         m.retain(|k, _| {
             matches!(
                 k.as_str(),
-                "chart" | "chartRef" | "suspend" | "install" | "upgrade"
+                "chart" | "chartRef" | "suspend" | "install" | "upgrade" | "storageNamespace"
             )
         });
         for k in ["install", "upgrade"] {
@@ -56,17 +56,25 @@ fn de_spec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
 fn de_status<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     let mut v = Option::<Value>::deserialize(d)?;
     if let Some(Value::Object(m)) = &mut v {
-        m.retain(|k, _| k == "helmChart" || k == "history");
-        // Only whether a release exists matters (install vs upgrade CRD policy).
+        m.retain(|k, _| k == "helmChart" || k == "history" || k == "storageNamespace");
+        // Whether a release exists (install vs upgrade CRD policy) and which Helm
+        // release is current (its storage Secret): name, version, status only.
         if let Some(Value::Array(h)) = m.get_mut("history") {
-            h.truncate(1);
-            if let Some(first) = h.first_mut() {
-                *first = Value::Object(Default::default());
+            h.truncate(MAX_HISTORY);
+            for e in h.iter_mut() {
+                if let Value::Object(e) = e {
+                    e.retain(|k, _| matches!(k.as_str(), "name" | "version" | "status"));
+                } else {
+                    *e = Value::Object(Default::default());
+                }
             }
         }
     }
     Ok(v)
 }
+
+/// History entries kept (helm-controller keeps up to the previous deployed one, else 5).
+const MAX_HISTORY: usize = 10;
 
 crate::hr_recovery::model::helmrelease_resource!(GuardedHr);
 
@@ -95,6 +103,32 @@ impl GuardedHr {
             .and_then(|s| s.get("history"))
             .and_then(Value::as_array)
             .is_some_and(|h| !h.is_empty())
+    }
+
+    /// The storage Secret (namespace, name) of the Helm release an upgrade starts
+    /// from, as helm-controller's `status.history` names it: the newest
+    /// `deployed` entry, else the newest (Helm upgrades from the last release
+    /// when none is deployed). Storage namespace: `status.storageNamespace`,
+    /// else `spec.storageNamespace`, else the HelmRelease's.
+    pub fn current_release(&self) -> Option<(String, String)> {
+        let status = self.status.as_ref()?;
+        let h = status.get("history").and_then(Value::as_array)?;
+        let entry = h
+            .iter()
+            .find(|e| e.get("status").and_then(Value::as_str) == Some("deployed"))
+            .or_else(|| h.first())?;
+        let name = entry
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())?;
+        let version = entry.get("version").and_then(Value::as_u64)?;
+        let ns = status
+            .get("storageNamespace")
+            .and_then(Value::as_str)
+            .or_else(|| self.spec.get("storageNamespace").and_then(Value::as_str))
+            .filter(|n| !n.is_empty())
+            .unwrap_or(self.namespace());
+        Some((ns.to_string(), super::release::secret_name(name, version)))
     }
 
     /// What helm-controller will do with the chart's `crds/` directory next:
@@ -398,7 +432,45 @@ mod tests {
             json!({"history": [{"big": "x"}, {}]}),
         );
         assert_eq!(h.spec, json!({"install": {"crds": "Skip"}}));
-        assert_eq!(h.status, Some(json!({"history": [{}]})));
+        assert_eq!(h.status, Some(json!({"history": [{}, {}]})));
+        assert_eq!(h.current_release(), None);
+    }
+
+    #[test]
+    fn current_release_from_history() {
+        let cases = [
+            (json!({}), json!({}), None),
+            (
+                json!({}),
+                json!({"history": [{"name": "flux", "version": 4, "status": "failed", "chartName": "x"}, {"name": "flux", "version": 3, "status": "deployed"}]}),
+                Some(("flux-system", "sh.helm.release.v1.flux.v3")),
+            ),
+            (
+                json!({"storageNamespace": "s"}),
+                json!({"history": [{"name": "flux", "version": 2, "status": "failed"}]}),
+                Some(("s", "sh.helm.release.v1.flux.v2")),
+            ),
+            (
+                json!({"storageNamespace": "s"}),
+                json!({"storageNamespace": "t", "history": [{"name": "r", "version": 1, "status": "deployed"}]}),
+                Some(("t", "sh.helm.release.v1.r.v1")),
+            ),
+            (
+                json!({}),
+                json!({"history": [{"name": "r", "status": "deployed"}]}),
+                None,
+            ),
+            (json!({}), json!({"history": ["junk"]}), None),
+        ];
+        for (spec, status, want) in cases {
+            let h = hr(spec.clone(), status.clone());
+            let got = h.current_release();
+            assert_eq!(
+                got.as_ref().map(|(a, b)| (a.as_str(), b.as_str())),
+                want,
+                "{spec} {status}"
+            );
+        }
     }
 
     #[test]
