@@ -750,9 +750,33 @@ async fn switchover_by_annotation_hands_over_with_cnpg_tokens() {
             .await
             .is_err()
     );
-    continuum_agent::continuum::switchover::request(&admin_a, NS, "app", "b")
+    // Asked of the standby region's cluster: refused, nothing annotated.
+    let admin_b = b.api.admin_client().unwrap();
+    let err = continuum_agent::continuum::switchover::request(&admin_b, NS, "app", "b")
         .await
-        .unwrap();
+        .expect_err("b's copy is not the primary's");
+    assert!(
+        format!("{err:#}").contains("against a's cluster"),
+        "{err:#}"
+    );
+    assert!(annotation(
+        &b.api.object(GROUP, "continuums", NS, "app").unwrap(),
+        cnpg::ANNOTATION_SWITCHOVER_TO
+    )
+    .is_none());
+    // To the region that is already primary: nothing to do.
+    assert_eq!(
+        continuum_agent::continuum::switchover::request(&admin_a, NS, "app", "a")
+            .await
+            .unwrap(),
+        continuum_agent::continuum::switchover::Requested::AlreadyPrimary
+    );
+    assert_eq!(
+        continuum_agent::continuum::switchover::request(&admin_a, NS, "app", "b")
+            .await
+            .unwrap(),
+        continuum_agent::continuum::switchover::Requested::Annotated
+    );
     wait_for("a demoted", Duration::from_secs(10), || {
         a.cluster()["spec"]["replica"]["primary"] == "pg-b"
     })
@@ -894,6 +918,19 @@ async fn deleting_the_continuum_releases_the_lease_and_fences_nothing() {
     assert!(
         events.iter().any(|e| e["reason"] == "Finalized"),
         "a Finalized Event: {events:?}"
+    );
+    assert_eq!(
+        a.metric(
+            "continuum_cnpg_failover_actions_total",
+            &[("action", "finalize"), ("result", "ok")]
+        ),
+        1,
+        "finalize counted"
+    );
+    assert_eq!(
+        a.gauge("continuum_cnpg_lease_held", &[("continuum", "db/app")]),
+        None,
+        "a deleted Continuum's series are removed"
     );
     a.assert_no_forbidden();
     b.assert_no_forbidden();

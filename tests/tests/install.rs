@@ -38,9 +38,9 @@ fn kubectl() -> Option<&'static str> {
         .stderr(Stdio::null())
         .output()
     else {
-        eprintln!(
-            "SKIP: kubectl not found; the kustomize renders are not checked \
-             (install kubectl with kustomize v4+ to run them)"
+        continuum_tests::skip::skip(
+            "kustomize renders",
+            "kubectl not found (install kubectl with kustomize v4+ to run them)",
         );
         return None;
     };
@@ -953,7 +953,10 @@ fn alert_rules_pass_promtool_and_read_only_exported_metrics() {
     }
 
     if !Path::new("/usr/bin/promtool").exists() {
-        eprintln!("SKIP promtool part: /usr/bin/promtool missing (Debian package prometheus)");
+        continuum_tests::skip::skip(
+            "promtool part",
+            "/usr/bin/promtool missing (Debian package prometheus)",
+        );
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1084,7 +1087,10 @@ tests:
 #[test]
 fn alerts_fire_on_the_series_the_binaries_export() {
     if !Path::new("/usr/bin/promtool").exists() {
-        eprintln!("SKIP: /usr/bin/promtool missing (Debian package prometheus)");
+        continuum_tests::skip::skip(
+            "alert rule tests",
+            "/usr/bin/promtool missing (Debian package prometheus)",
+        );
         return;
     }
     let mut spec = prometheus_rule()["spec"].clone();
@@ -1240,7 +1246,7 @@ fn witness_systemd_unit_verifies_and_its_flags_and_env_are_real() {
     }
 
     let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
-        eprintln!("SKIP systemd-analyze part: not installed");
+        continuum_tests::skip::skip("systemd-analyze part", "systemd-analyze not installed");
         return;
     };
     assert!(out.status.success());

@@ -35,7 +35,7 @@ async fn guard() -> Option<tokio::sync::MutexGuard<'static, ()>> {
         })
     });
     if let Some(r) = reason {
-        eprintln!("SKIPPED partition test: {r}");
+        continuum_tests::skip::skip("partition test", r);
         return None;
     }
     Some(SERIAL.lock().await)
@@ -304,7 +304,10 @@ async fn flapping_link_never_two_primaries() {
 /// timers all run at the given rate); A is then cut from the witnesses.
 async fn drift_case(rate: &str, case: &str) {
     if !std::path::Path::new(LIBFAKETIME).exists() {
-        eprintln!("SKIPPED clock drift case: {LIBFAKETIME} missing (apt-get install faketime)");
+        continuum_tests::skip::skip(
+            "clock drift case",
+            &format!("{LIBFAKETIME} missing (apt-get install faketime)"),
+        );
         return;
     }
     let mut opts = ClusterOpts::default();
@@ -346,7 +349,10 @@ async fn checker_flags_disabled_fencing() {
     };
     if !cfg!(debug_assertions) {
         // The agent is built with the same profile; release builds have no hook.
-        eprintln!("SKIPPED negative case: the no-fence hook exists in debug builds only");
+        continuum_tests::skip::skip(
+            "negative case",
+            "the no-fence hook exists in debug builds only",
+        );
         return;
     }
     let mut opts = ClusterOpts::default();

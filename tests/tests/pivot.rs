@@ -144,7 +144,10 @@ impl Drop for Tmpfs {
 #[test]
 fn disk_full_leaves_old_file_intact() {
     if !is_root() {
-        eprintln!("SKIP disk_full_leaves_old_file_intact: mounting a tmpfs needs root");
+        continuum_tests::skip::skip(
+            "disk_full_leaves_old_file_intact",
+            "mounting a tmpfs needs root",
+        );
         return;
     }
     let fs = Tmpfs::mount("size=8k");
@@ -165,7 +168,10 @@ fn disk_full_leaves_old_file_intact() {
 #[test]
 fn read_only_fs_leaves_old_file_intact() {
     if !is_root() {
-        eprintln!("SKIP read_only_fs_leaves_old_file_intact: mount/remount needs root");
+        continuum_tests::skip::skip(
+            "read_only_fs_leaves_old_file_intact",
+            "mount/remount needs root",
+        );
         return;
     }
     let fs = Tmpfs::mount("size=1m");

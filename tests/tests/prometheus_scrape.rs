@@ -136,7 +136,10 @@ fn shipped_rules() -> Vec<continuum_testapi::rbac::PolicyRule> {
 async fn prometheus_scrapes_agent_and_witness_and_promtool_accepts_their_metrics() {
     for bin in ["/usr/bin/prometheus", "/usr/bin/promtool"] {
         if !Path::new(bin).exists() {
-            eprintln!("SKIP: {bin} missing (Debian package prometheus)");
+            continuum_tests::skip::skip(
+                "Prometheus scrape",
+                &format!("{bin} missing (Debian package prometheus)"),
+            );
             return;
         }
     }

@@ -109,7 +109,10 @@ fn read_until(
 #[tokio::test]
 async fn wireguard_go_peer_handshakes_pings_and_gets_a_lease() {
     if !is_root() {
-        println!("SKIPPED wg_interop: needs root for network namespaces and a TUN device");
+        continuum_tests::skip::skip(
+            "wg_interop",
+            "needs root for network namespaces and a TUN device",
+        );
         return;
     }
     if Command::new("wireguard-go")
@@ -117,7 +120,7 @@ async fn wireguard_go_peer_handshakes_pings_and_gets_a_lease() {
         .output()
         .is_err()
     {
-        println!("SKIPPED wg_interop: wireguard-go is not installed");
+        continuum_tests::skip::skip("wg_interop", "wireguard-go is not installed");
         return;
     }
     let ns_wg = Netns::create("ctmwg").expect("netns for wireguard-go");

@@ -1436,9 +1436,16 @@ async fn finalize(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
                 seq: r.meta_seq,
                 handover: None,
             };
-            r.quorum.update_meta(&g, &meta).await.map_err(|e| {
-                Error::Quorum(format!("record no synchronous standby before release: {e}"))
-            })?;
+            if let Err(e) = r.quorum.update_meta(&g, &meta).await {
+                let m = &ctx.metrics;
+                m.actions.with_label_values(&["finalize", "failed"]).inc();
+                m.action_errors
+                    .with_label_values(&["finalize", e.label()])
+                    .inc();
+                return Err(Error::Quorum(format!(
+                    "record no synchronous standby before release: {e}"
+                )));
+            }
             r.grant.send_replace(None);
             if let Some(t) = r.renewer.take() {
                 t.abort();
@@ -1449,9 +1456,20 @@ async fn finalize(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
                 g.epoch
             );
         }
+        let peer = r.names.peer.as_str().to_string();
         drop(r);
         ctx.runners.lock().await.remove(&key);
+        // The Continuum is gone: so are its series.
+        let m = &ctx.metrics;
+        for g in [&m.lease_held, &m.epoch, &m.primary, &m.fenced] {
+            let _ = g.remove_label_values(&[&key]);
+        }
+        let _ = m.peer_reachable.remove_label_values(&[&key, &peer]);
     }
+    ctx.metrics
+        .actions
+        .with_label_values(&["finalize", "ok"])
+        .inc();
     tracing::info!(continuum = %key, action = "finalize", detail = %detail, reason = "Continuum deleted", "lease released, finalizer removed");
     publish(ctx, &oref, false, "Finalized", detail).await;
     let list: Vec<String> = cr

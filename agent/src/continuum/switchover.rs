@@ -18,10 +18,49 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use super::cnpg::ANNOTATION_SWITCHOVER_TO;
-use super::crd::{Continuum, LastSwitchover};
+use super::crd::{Continuum, ContinuumStatus, LastSwitchover};
+
+/// What [`request`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requested {
+    /// The annotation is set; wait with [`wait_done`].
+    Annotated,
+    /// `to` already holds the lease: nothing to do.
+    AlreadyPrimary,
+}
+
+/// Whether this cluster's copy of the Continuum may carry the request: only
+/// the primary region's controller acts on it, and only while a region holds
+/// the lease. An annotation elsewhere would sit unread until that region
+/// became primary, then hand over when nobody expects it.
+pub fn check(status: Option<&ContinuumStatus>, to: &str) -> Result<Requested, String> {
+    let Some(st) = status else {
+        return Err("the Continuum has no status yet: is `continuum-agent continuum` running in this cluster?".into());
+    };
+    let Some(primary) = st.primary_region.as_deref() else {
+        return Err(format!(
+            "no region holds the lease (phase {:?}): a switchover needs a live primary; see the Decision condition",
+            st.phase
+        ));
+    };
+    if primary == to {
+        return Ok(Requested::AlreadyPrimary);
+    }
+    match st.observed_by.as_deref() {
+        Some(me) if me == primary => Ok(Requested::Annotated),
+        me => Err(format!(
+            "this cluster's copy is reported by region {me:?}, but {primary} is the primary: run the command against {primary}'s cluster"
+        )),
+    }
+}
 
 /// Asks for a switchover to `to` (idempotent).
-pub async fn request(client: &kube::Client, ns: &str, name: &str, to: &str) -> anyhow::Result<()> {
+pub async fn request(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    to: &str,
+) -> anyhow::Result<Requested> {
     continuum_shared::lease::HolderId::new(to).context("--to")?;
     let api: Api<Continuum> = Api::namespaced(client.clone(), ns);
     let cr = api
@@ -31,12 +70,20 @@ pub async fn request(client: &kube::Client, ns: &str, name: &str, to: &str) -> a
     if !cr.spec.regions.iter().any(|r| r.name == to) {
         bail!("region {to} is not in spec.regions of {ns}/{name}");
     }
+    match check(cr.status.as_ref(), to) {
+        Ok(Requested::AlreadyPrimary) => {
+            tracing::info!(continuum = %format!("{ns}/{name}"), to, "already primary: no switchover needed");
+            return Ok(Requested::AlreadyPrimary);
+        }
+        Ok(Requested::Annotated) => {}
+        Err(why) => bail!("Continuum {ns}/{name}: {why}"),
+    }
     let body = json!({"metadata": {"annotations": {ANNOTATION_SWITCHOVER_TO: to}}});
     api.patch(name, &PatchParams::default(), &Patch::Merge(&body))
         .await
         .with_context(|| format!("annotate Continuum {ns}/{name}"))?;
     tracing::info!(continuum = %format!("{ns}/{name}"), to, annotation = ANNOTATION_SWITCHOVER_TO, "switchover requested");
-    Ok(())
+    Ok(Requested::Annotated)
 }
 
 /// Waits until this cluster's copy reports the switchover to `to` done
@@ -69,5 +116,58 @@ pub async fn wait_done(
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(primary: Option<&str>, by: Option<&str>) -> ContinuumStatus {
+        ContinuumStatus {
+            primary_region: primary.map(String::from),
+            observed_by: by.map(String::from),
+            phase: Some("Primary".into()),
+            ..ContinuumStatus::default()
+        }
+    }
+
+    #[test]
+    fn request_check_table() {
+        let cases = [
+            (
+                "primary's copy",
+                Some(st(Some("a"), Some("a"))),
+                "b",
+                Ok(Requested::Annotated),
+            ),
+            (
+                "already there",
+                Some(st(Some("b"), Some("a"))),
+                "b",
+                Ok(Requested::AlreadyPrimary),
+            ),
+            (
+                "standby's copy",
+                Some(st(Some("a"), Some("b"))),
+                "b",
+                Err("run the command against a's cluster"),
+            ),
+            (
+                "nobody holds",
+                Some(st(None, Some("a"))),
+                "b",
+                Err("no region holds the lease"),
+            ),
+            ("no status", None, "b", Err("no status yet")),
+        ];
+        for (name, status, to, want) in cases {
+            let got = check(status.as_ref(), to);
+            match (&got, want) {
+                (Ok(g), Ok(w)) => assert_eq!(*g, w, "{name}"),
+                (Err(g), Err(w)) => assert!(g.contains(w), "{name}: {g}"),
+                _ => panic!("{name}: got {got:?}"),
+            }
+        }
     }
 }

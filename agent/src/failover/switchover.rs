@@ -120,7 +120,20 @@ async fn run_async(args: SwitchoverArgs) -> anyhow::Result<()> {
     if let Some(name) = &args.continuum {
         let started = Instant::now();
         let client = args.kube.client().await.context("Kubernetes client")?;
-        crate::continuum::switchover::request(&client, &args.namespace, name, &args.to).await?;
+        let requested =
+            crate::continuum::switchover::request(&client, &args.namespace, name, &args.to).await?;
+        if requested == crate::continuum::switchover::Requested::AlreadyPrimary {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "switchover": "not_needed",
+                    "continuum": format!("{}/{name}", args.namespace),
+                    "to": args.to,
+                    "reason": "already the primary region",
+                })
+            );
+            return Ok(());
+        }
         let ls = crate::continuum::switchover::wait_done(
             &client,
             &args.namespace,
