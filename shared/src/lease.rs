@@ -194,6 +194,30 @@ pub struct LeaseMeta {
     pub handover: Option<Handover>,
 }
 
+impl LeaseMeta {
+    /// The `seq` of the next update in an epoch. A witness silently keeps
+    /// the highest `(epoch, seq)`, and a process that adopts its region's
+    /// grant after a restart or leader change continues an epoch an earlier
+    /// process wrote in: counting from 1 again would make every one of its
+    /// updates, "no synchronous standby" included, lose to the stale record
+    /// (invariant 3). So `seq` is at least the wall clock in milliseconds
+    /// (a later process starts above an earlier one), above the highest
+    /// `seq` seen at the witnesses for the epoch, and above the previous.
+    pub fn next_seq(prev: u64, seen: Option<u64>) -> u64 {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Self::next_seq_at(prev, seen, now_ms)
+    }
+
+    /// [`LeaseMeta::next_seq`] at a given wall-clock time.
+    pub fn next_seq_at(prev: u64, seen: Option<u64>, now_ms: u64) -> u64 {
+        prev.saturating_add(1)
+            .max(seen.map_or(0, |s| s.saturating_add(1)))
+            .max(now_ms)
+    }
+}
+
 /// A planned handover of the lease to a named successor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -450,6 +474,23 @@ impl Response {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_later_process_outranks_an_earlier_one_in_the_same_epoch() {
+        // The earlier process wrote seq 57 at t = 1000 ms.
+        let old = LeaseMeta::next_seq_at(56, None, 1000);
+        assert_eq!(old, 1000);
+        // Restarted (its counter back at 0) a little later.
+        assert!(LeaseMeta::next_seq_at(0, None, 1500) > old);
+        // Its clock behind the old one's: the seq seen at the witnesses wins.
+        assert!(LeaseMeta::next_seq_at(0, Some(old), 900) > old);
+        // Within one process: strictly increasing even if the clock stalls.
+        let a = LeaseMeta::next_seq_at(0, None, 2000);
+        let b = LeaseMeta::next_seq_at(a, None, 2000);
+        assert!(b > a);
+        assert_eq!(LeaseMeta::next_seq_at(u64::MAX, None, 0), u64::MAX);
+    }
+
     use super::*;
 
     fn acquire_json(name: &str, holder: &str, epoch: u64, ttl: u64) -> String {

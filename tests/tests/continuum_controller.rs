@@ -1056,6 +1056,27 @@ async fn role_is_sufficient_and_minimal() {
         .await;
 }
 
+/// (seq, confirmed LSN) of the lease metadata at each witness that has one.
+async fn witness_metas(witnesses: &[WitnessProc]) -> Vec<(u64, Option<u64>)> {
+    use continuum_shared::lease::{LeaseName, Read, Request, Response};
+    let mut out = Vec::new();
+    for w in witnesses {
+        let client = w.client().unwrap();
+        let (_, resp) = client
+            .send(&Request::Read(Read {
+                name: LeaseName::new("continuum/db/app").unwrap(),
+            }))
+            .await
+            .unwrap();
+        if let Response::State(view) = resp {
+            if let Some(m) = view.meta {
+                out.push((m.seq, m.confirmed_lsn));
+            }
+        }
+    }
+    out
+}
+
 fn lsn(text: &str) -> u64 {
     text.parse::<continuum_shared::pg::Lsn>()
         .unwrap_or_else(|e| panic!("LSN {text:?}: {e}"))
@@ -1201,7 +1222,44 @@ async fn standby_is_recorded_only_once_the_running_primary_requires_it() {
     })
     .await;
 
+    // a's agent restarts: the new process adopts the grant (same epoch), and
+    // its records must outrank the earlier process's at the witnesses, or a
+    // later "no synchronous standby" would be silently dropped.
+    let before = witness_metas(&witnesses).await;
+    let old_seq = before.iter().map(|(s, _)| *s).max().unwrap();
+    a.kill_agent();
+    a.start_agent().await;
+    c.batch_execute("INSERT INTO t SELECT generate_series(1001, 2000)")
+        .await
+        .unwrap();
+    let old_lsn = before.iter().filter_map(|(_, l)| *l).max().unwrap_or(0);
+    // The new process's own record (status is written after a majority
+    // stored it) carries the new commits...
+    wait_for(
+        "the restarted agent records the new commits",
+        Duration::from_secs(10),
+        || {
+            a.status()["confirmedLsn"]
+                .as_str()
+                .is_some_and(|l| lsn(l) > old_lsn)
+        },
+    )
+    .await;
+    let local = lsn(a.status()["confirmedLsn"].as_str().unwrap());
+    // ...and the witnesses hold it, not the earlier process's record.
+    let after = witness_metas(&witnesses).await;
+    assert!(
+        after.iter().filter(|(s, l)| *s > old_seq && l.is_some_and(|l| l >= local)).count() >= 2,
+        "the restarted agent's update lost to the old process's (seq {old_seq}, LSN {old_lsn:#x}); local {local:#x}, witnesses {after:?}"
+    );
+
     // Region a's agent dies; a's last confirmed LSN stays at the witnesses.
+    wait_for(
+        "a's status after the restart",
+        Duration::from_secs(10),
+        || a.status()["confirmedLsn"].is_string(),
+    )
+    .await;
     let confirmed = lsn(a.status()["confirmedLsn"].as_str().unwrap());
     a.kill_agent();
     wait_for("b promoted", Duration::from_secs(15), || {
@@ -1223,7 +1281,7 @@ async fn standby_is_recorded_only_once_the_running_primary_requires_it() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(rows, 1000, "every commit a acknowledged is on b");
+    assert_eq!(rows, 2000, "every commit a acknowledged is on b");
     a.assert_no_forbidden();
     b.assert_no_forbidden();
     b.kill_agent();

@@ -676,7 +676,7 @@ impl Runner {
                     return Err(("not_holding", "no grant to record the token under".into()));
                 };
                 let mut meta = rec;
-                self.meta_seq += 1;
+                self.meta_seq = LeaseMeta::next_seq(self.meta_seq, None);
                 meta.seq = self.meta_seq;
                 if let Some(h) = meta.handover.as_mut() {
                     h.promotion_token = Some(token.clone());
@@ -970,7 +970,7 @@ impl Runner {
                 let Some(grant) = grant else {
                     return Err(("not_holding", "no grant to update metadata under".into()));
                 };
-                self.meta_seq += 1;
+                self.meta_seq = LeaseMeta::next_seq(self.meta_seq, seen_seq(seen, grant.epoch));
                 let meta = LeaseMeta {
                     sync_standby: sync_standby.clone(),
                     confirmed_lsn: self.confirmed_lsn(seen, sync_standby.as_ref()),
@@ -1005,7 +1005,7 @@ impl Runner {
                 let Some(grant) = grant else {
                     return Err(("not_holding", "no grant to update metadata under".into()));
                 };
-                self.meta_seq += 1;
+                self.meta_seq = LeaseMeta::next_seq(self.meta_seq, seen_seq(seen, grant.epoch));
                 // The Cluster does not carry the confirmed LSN; only a
                 // connection to the server does.
                 let meta = LeaseMeta {
@@ -1064,6 +1064,15 @@ fn pascal(label: &str) -> String {
                 .unwrap_or_default()
         })
         .collect()
+}
+
+/// The highest metadata `seq` the last majority read showed for `epoch`.
+fn seen_seq(seen: &Seen, epoch: continuum_shared::lease::Epoch) -> Option<u64> {
+    seen.view
+        .as_ref()
+        .and_then(|v| v.meta.as_ref())
+        .filter(|(e, _)| *e == epoch)
+        .map(|(_, m)| m.seq)
 }
 
 /// Whether the peer region shows life, when this region can tell: holding,
@@ -1429,7 +1438,7 @@ async fn finalize(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
         let mut r = runner.lock().await;
         let grant = r.grant.borrow().clone();
         if let Some(g) = grant.filter(|g| g.is_held_at(Instant::now())) {
-            r.meta_seq += 1;
+            r.meta_seq = LeaseMeta::next_seq(r.meta_seq, None);
             let meta = LeaseMeta {
                 sync_standby: None,
                 confirmed_lsn: None,

@@ -265,6 +265,8 @@ struct Runner {
     /// When `recorded` was stored (its refresh is due [`failover::META_REFRESH`] later).
     recorded_at: Option<std::time::Instant>,
     meta_seq: u64,
+    /// (epoch, seq) of the newest metadata in the last majority read.
+    seen_meta: Option<(continuum_shared::lease::Epoch, u64)>,
     /// This process has held the lease (the unsafe no-fence test hook only
     /// skips fences after that, so bootstrap still works).
     held_once: bool,
@@ -424,6 +426,7 @@ async fn run_async(args: FailoverArgs) -> anyhow::Result<()> {
         recorded: None,
         recorded_at: None,
         meta_seq: 0,
+        seen_meta: None,
         held_once: false,
         adopt_tried_at: None,
         last_db: None,
@@ -555,6 +558,9 @@ impl Runner {
                 None
             }
         };
+        if let Some(v) = &view {
+            self.seen_meta = v.meta.as_ref().map(|(e, m)| (*e, m.seq));
+        }
         if held.is_none_or(|h| now >= h.deadline) {
             // A lost epoch's record is not ours any more.
             self.recorded = None;
@@ -881,7 +887,11 @@ impl Runner {
                     Ok(f) => f.confirmed_lsn().map(|l| l.0),
                     Err(_) => self.recorded.as_ref().and_then(|m| m.confirmed_lsn),
                 };
-                self.meta_seq += 1;
+                let seen = self
+                    .seen_meta
+                    .filter(|(e, _)| *e == grant.epoch)
+                    .map(|(_, s)| s);
+                self.meta_seq = LeaseMeta::next_seq(self.meta_seq, seen);
                 let meta = LeaseMeta {
                     sync_standby: sync_standby.clone(),
                     confirmed_lsn,
