@@ -278,28 +278,43 @@ pub struct WireguardGo {
 
 impl WireguardGo {
     /// Starts `wireguard-go -f <iface>` inside `ns` and waits for the device.
+    /// A loaded machine can take seconds; a process that exits before the
+    /// device appears is started once more, and its exit status reported.
     pub fn start(ns: &Netns, iface: &str) -> anyhow::Result<WireguardGo> {
         ensure_tun_device()?;
-        let child = ns_cmd(&ns.name, &["wireguard-go", "-f", iface])
-            .env("WG_PROCESS_FOREGROUND", "1")
-            .env("LOG_LEVEL", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawn wireguard-go")?;
-        let wg = WireguardGo {
+        let spawn = || {
+            ns_cmd(&ns.name, &["wireguard-go", "-f", iface])
+                .env("WG_PROCESS_FOREGROUND", "1")
+                .env("LOG_LEVEL", "error")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("spawn wireguard-go")
+        };
+        let mut wg = WireguardGo {
             ns: ns.name.clone(),
             iface: iface.to_owned(),
-            child,
+            child: spawn()?,
         };
-        for _ in 0..50 {
+        let mut exits = Vec::new();
+        for _ in 0..150 {
             if run(&mut ns_cmd(&wg.ns, &["wg", "show", iface])).is_ok() {
                 return Ok(wg);
             }
+            if let Ok(Some(status)) = wg.child.try_wait() {
+                exits.push(status);
+                if exits.len() > 1 {
+                    break;
+                }
+                wg.child = spawn()?;
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("wireguard-go did not create {iface} in {}", wg.ns)
+        bail!(
+            "wireguard-go did not create {iface} in {} (exits: {exits:?})",
+            wg.ns
+        )
     }
 
     /// `wg show <iface> latest-handshakes` for one peer: seconds since epoch, 0 = never.
