@@ -209,6 +209,8 @@ struct Runner {
     /// before the first successful read; see [`dbfacts::with_facts`]).
     applied_standby: Option<Option<HolderId>>,
     meta_refresh: Duration,
+    /// The role-lacks-pg_monitor warning was logged.
+    warned_blind: bool,
     /// When this region took the lease as a standby (failover start).
     acquired_at: Option<(Timestamp, Instant)>,
     last_failover: Option<LastFailover>,
@@ -500,6 +502,7 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
         db_conn,
         applied_standby: None,
         meta_refresh: ctx.cfg.meta_refresh,
+        warned_blind: false,
         acquired_at: None,
         last_failover: None,
         last_switchover: None,
@@ -596,6 +599,10 @@ impl Runner {
                     .await
                 {
                     Ok(Ok(f)) => {
+                        if !f.sees_replication && !self.warned_blind {
+                            self.warned_blind = true;
+                            tracing::warn!(continuum = %self.key, reason = "the connection's role lacks pg_monitor / pg_read_all_stats", "pg_stat_replication not readable: peer streaming and the confirmed LSN are unknown");
+                        }
                         self.applied_standby = Some(dbfacts::applied_standby(&f, &self.names));
                         Some(f)
                     }
@@ -1085,7 +1092,9 @@ fn peer_reachable(
     peer: &HolderId,
 ) -> Option<bool> {
     if holding {
-        return facts.filter(|f| !f.in_recovery).map(|f| f.peer_streaming);
+        return facts
+            .filter(|f| !f.in_recovery && f.sees_replication)
+            .map(|f| f.peer_streaming);
     }
     view.map(|v| !v.expired_at_majority && v.holder.as_ref().is_some_and(|(h, _)| h == peer))
 }
@@ -1615,6 +1624,7 @@ mod tests {
             in_recovery,
             synchronous_standby_names: String::new(),
             peer_streaming: streaming,
+            sees_replication: true,
             peer_replay: Some(Lsn(1)),
             replay: None,
         }

@@ -28,6 +28,10 @@ pub struct DbFacts {
     /// needs a role with `pg_monitor` or the superuser to see other roles'
     /// rows).
     pub peer_streaming: bool,
+    /// The role may read other roles' `pg_stat_replication` rows
+    /// (`pg_read_all_stats`, part of `pg_monitor`, or superuser). Without
+    /// it `peer_streaming` is always false and is not used.
+    pub sees_replication: bool,
     /// What the peer has applied (primary side): the confirmed LSN.
     pub peer_replay: Option<Lsn>,
     /// This server's replay position (standby side).
@@ -46,7 +50,8 @@ pub async fn read(conninfo: &str, peer_cluster: &str) -> Result<DbFacts, PgError
                       ORDER BY replay_lsn DESC NULLS LAST LIMIT 1), \
                     (SELECT count(*) FROM pg_stat_replication \
                       WHERE application_name = $1 AND state = 'streaming'), \
-                    pg_last_wal_replay_lsn()::text",
+                    pg_last_wal_replay_lsn()::text, \
+                    pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')",
             &[&peer_cluster],
         )
         .await
@@ -68,11 +73,16 @@ pub async fn read(conninfo: &str, peer_cluster: &str) -> Result<DbFacts, PgError
         what: "decode database facts",
         source,
     })?;
+    let sees_replication: bool = row.try_get(5).map_err(|source| PgError::Query {
+        what: "decode database facts",
+        source,
+    })?;
     let lsn = |t: Option<String>| t.map(|t| t.parse::<Lsn>()).transpose();
     Ok(DbFacts {
         in_recovery,
         synchronous_standby_names: get(1)?.unwrap_or_default(),
         peer_streaming: streaming > 0,
+        sees_replication,
         peer_replay: lsn(get(2)?)?,
         replay: if in_recovery { lsn(get(4)?)? } else { None },
     })
@@ -100,7 +110,7 @@ pub fn with_facts(
 ) -> DbState {
     if db.primary {
         db.required_standby = applied.cloned().flatten();
-        if let Some(f) = facts.filter(|f| !f.in_recovery) {
+        if let Some(f) = facts.filter(|f| !f.in_recovery && f.sees_replication) {
             db.peer_attached = db.peer_attached && f.peer_streaming;
         }
     }
@@ -133,6 +143,7 @@ mod tests {
             in_recovery: false,
             synchronous_standby_names: names.into(),
             peer_streaming: streaming,
+            sees_replication: true,
             peer_replay: Some(Lsn(42)),
             replay: None,
         }
@@ -191,8 +202,15 @@ mod tests {
         assert!(seen.peer_attached);
         // The peer does not stream: not attached, whatever the annotation.
         let f = facts("FIRST 1 (\"pg-b\")", false);
-        let seen = with_facts(spec_says_b, Some(&f), Some(&Some(h("b"))));
+        let seen = with_facts(spec_says_b.clone(), Some(&f), Some(&Some(h("b"))));
         assert!(!seen.peer_attached);
+        // A role that cannot see replication rows says nothing about them.
+        let blind = DbFacts {
+            sees_replication: false,
+            ..f
+        };
+        let seen = with_facts(spec_says_b, Some(&blind), Some(&Some(h("b"))));
+        assert!(seen.peer_attached, "unknown, not detached");
     }
 
     #[test]
@@ -209,6 +227,7 @@ mod tests {
             in_recovery: true,
             synchronous_standby_names: String::new(),
             peer_streaming: false,
+            sees_replication: true,
             peer_replay: None,
             replay: Some(Lsn(7)),
         };
