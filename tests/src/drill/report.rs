@@ -180,17 +180,14 @@ impl Report {
         }
         let mut mark = |ms: Option<f64>, label: &str, color: &str, dy: f64| {
             if let Some(ms) = ms {
-                // Labels near the right edge grow leftwards.
-                let (tx, anchor) = if x(ms) > w * 0.6 {
-                    (x(ms) - 3.0, "end")
-                } else {
-                    (x(ms) + 3.0, "start")
-                };
-                s.push_str(&format!(
-                    "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"45\" y2=\"160\" stroke=\"{color}\" stroke-dasharray=\"4 3\"/>\
-                     <text x=\"{tx:.1}\" y=\"{1}\" fill=\"{color}\" text-anchor=\"{anchor}\">{label} {ms:.0} ms</text>\n",
+                s.push_str(&marker(
                     x(ms),
-                    180.0 + dy
+                    w,
+                    ms,
+                    label,
+                    color,
+                    (45.0, 160.0),
+                    180.0 + dy,
                 ));
             }
         };
@@ -221,16 +218,14 @@ impl Report {
             .enumerate()
             {
                 let Some(ms) = ms else { continue };
-                let (tx, anchor) = if fx(ms) > w * 0.6 {
-                    (fx(ms) - 3.0, "end")
-                } else {
-                    (fx(ms) + 3.0, "start")
-                };
-                s.push_str(&format!(
-                    "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"275\" y2=\"315\" stroke=\"{color}\" stroke-dasharray=\"4 3\"/>\
-                     <text x=\"{tx:.1}\" y=\"{1}\" fill=\"{color}\" text-anchor=\"{anchor}\">{label} {ms:.0} ms</text>\n",
+                s.push_str(&marker(
                     fx(ms),
-                    330.0 + 14.0 * i as f64
+                    w,
+                    ms,
+                    label,
+                    color,
+                    (275.0, 315.0),
+                    330.0 + 14.0 * i as f64,
                 ));
             }
         }
@@ -242,6 +237,22 @@ impl Report {
         ));
         s
     }
+}
+
+/// One dashed milestone line at `px` (from `y.0` to `y.1`) with its label
+/// at height `ty`; labels near the right edge of a `w`-wide image grow
+/// leftwards.
+fn marker(px: f64, w: f64, ms: f64, label: &str, color: &str, y: (f64, f64), ty: f64) -> String {
+    let (tx, anchor) = if px > w * 0.6 {
+        (px - 3.0, "end")
+    } else {
+        (px + 3.0, "start")
+    };
+    format!(
+        "<line x1=\"{px:.1}\" x2=\"{px:.1}\" y1=\"{}\" y2=\"{}\" stroke=\"{color}\" stroke-dasharray=\"4 3\"/>\
+         <text x=\"{tx:.1}\" y=\"{ty}\" fill=\"{color}\" text-anchor=\"{anchor}\">{label} {ms:.0} ms</text>\n",
+        y.0, y.1
+    )
 }
 
 #[cfg(test)]
