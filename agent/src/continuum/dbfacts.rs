@@ -59,32 +59,19 @@ pub async fn read(conninfo: &str, peer_cluster: &str) -> Result<DbFacts, PgError
             what: "database facts",
             source,
         })?;
-    let get = |i: usize| -> Result<Option<String>, PgError> {
-        row.try_get(i).map_err(|source| PgError::Query {
-            what: "decode database facts",
-            source,
-        })
-    };
-    let in_recovery: bool = row.try_get(0).map_err(|source| PgError::Query {
-        what: "decode database facts",
-        source,
-    })?;
-    let streaming: i64 = row.try_get(3).map_err(|source| PgError::Query {
-        what: "decode database facts",
-        source,
-    })?;
-    let sees_replication: bool = row.try_get(5).map_err(|source| PgError::Query {
-        what: "decode database facts",
-        source,
-    })?;
-    let lsn = |t: Option<String>| t.map(|t| t.parse::<Lsn>()).transpose();
+    let in_recovery: bool = pg::col(&row, 0)?;
+    let streaming: i64 = pg::col(&row, 3)?;
     Ok(DbFacts {
         in_recovery,
-        synchronous_standby_names: get(1)?.unwrap_or_default(),
+        synchronous_standby_names: pg::col::<Option<String>>(&row, 1)?.unwrap_or_default(),
         peer_streaming: streaming > 0,
-        sees_replication,
-        peer_replay: lsn(get(2)?)?,
-        replay: if in_recovery { lsn(get(4)?)? } else { None },
+        sees_replication: pg::col(&row, 5)?,
+        peer_replay: pg::lsn_opt(pg::col(&row, 2)?)?,
+        replay: if in_recovery {
+            pg::lsn_opt(pg::col(&row, 4)?)?
+        } else {
+            None
+        },
     })
 }
 

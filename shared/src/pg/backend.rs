@@ -33,14 +33,15 @@ fn q(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
 }
 
 /// Read one column; a type mismatch is an error, never a panic.
-fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
+pub fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
     row: &'a tokio_postgres::Row,
     idx: usize,
 ) -> Result<T, PgError> {
     row.try_get(idx).map_err(q("decode column"))
 }
 
-fn lsn_opt(text: Option<String>) -> Result<Option<Lsn>, PgError> {
+/// An optional `pg_lsn` column read as text.
+pub fn lsn_opt(text: Option<String>) -> Result<Option<Lsn>, PgError> {
     text.map(|t| t.parse()).transpose()
 }
 
