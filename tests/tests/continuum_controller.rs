@@ -204,8 +204,11 @@ impl Region {
             .unwrap_or(Value::Null)
     }
 
-    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        let Some(reg) = &self.registry else { return 0 };
+    /// Every series of `name` carrying all of `labels`.
+    fn series(&self, name: &str, labels: &[(&str, &str)]) -> Vec<prometheus::proto::Metric> {
+        let Some(reg) = &self.registry else {
+            return Vec::new();
+        };
         reg.gather()
             .iter()
             .filter(|f| f.name() == name)
@@ -217,23 +220,20 @@ impl Region {
                         .any(|l| l.name() == *k && l.value() == *v)
                 })
             })
+            .cloned()
+            .collect()
+    }
+
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.series(name, labels)
+            .iter()
             .map(|m| m.get_counter().get_value() as u64)
             .sum()
     }
 
     fn gauge(&self, name: &str, labels: &[(&str, &str)]) -> Option<i64> {
-        let reg = self.registry.as_ref()?;
-        reg.gather()
-            .iter()
-            .filter(|f| f.name() == name)
-            .flat_map(|f| f.get_metric().iter())
-            .find(|m| {
-                labels.iter().all(|(k, v)| {
-                    m.get_label()
-                        .iter()
-                        .any(|l| l.name() == *k && l.value() == *v)
-                })
-            })
+        self.series(name, labels)
+            .first()
             .map(|m| m.get_gauge().get_value() as i64)
     }
 
