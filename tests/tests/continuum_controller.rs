@@ -53,7 +53,8 @@ impl Region {
         Region::with_rules(name, pki, cluster_spec, spec, role_rules()).await
     }
 
-    /// A region whose agent holds exactly `rules`.
+    /// A region whose agent holds exactly `rules`; `cluster_spec` null: no
+    /// CNPG Cluster (a region naming a `postgres` connection).
     async fn with_rules(
         name: &'static str,
         pki: &Pki,
@@ -101,6 +102,31 @@ impl Region {
             )
             .await
             .unwrap();
+        if !cluster_spec.is_null() {
+            Region::create_cluster(&admin, name, cluster_spec).await;
+        }
+        let cts: Api<DynamicObject> = Api::namespaced_with(admin, NS, &continuum_ar());
+        cts.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "dr.openova.io/v1", "kind": "Continuum",
+                "metadata": {"name": "app", "namespace": NS},
+                "spec": spec,
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        Region {
+            name,
+            api,
+            rt: None,
+            registry: None,
+        }
+    }
+
+    /// The region's CNPG Cluster `pg-<name>`, its primary instance `-1`.
+    async fn create_cluster(admin: &kube::Client, name: &str, cluster_spec: Value) {
         let clusters = cnpg::cluster_api(admin.clone(), NS);
         let cname = format!("pg-{name}");
         clusters
@@ -125,24 +151,6 @@ impl Region {
             )
             .await
             .unwrap();
-        let cts: Api<DynamicObject> = Api::namespaced_with(admin, NS, &continuum_ar());
-        cts.create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "apiVersion": "dr.openova.io/v1", "kind": "Continuum",
-                "metadata": {"name": "app", "namespace": NS},
-                "spec": spec,
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-        Region {
-            name,
-            api,
-            rt: None,
-            registry: None,
-        }
     }
 
     /// Starts this region's agent in a fresh runtime.
@@ -1284,5 +1292,291 @@ async fn standby_is_recorded_only_once_the_running_primary_requires_it() {
     assert_eq!(rows, 2000, "every commit a acknowledged is on b");
     a.assert_no_forbidden();
     b.assert_no_forbidden();
+    b.kill_agent();
+}
+
+/// Two regions whose Continuum names PostgreSQL connections (no CNPG),
+/// three witnesses, both agents running. Returns once a holds the lease and
+/// its running server requires b on every commit, b's agent waits as the
+/// standby, and the epoch table replicated to b.
+struct PgSetup {
+    pg_a: PgRegion,
+    pg_b: PgRegion,
+    a: Region,
+    b: Region,
+    witnesses: Vec<WitnessProc>,
+}
+
+async fn pg_setup() -> PgSetup {
+    let pg_a = PgRegion::primary("a", "b").unwrap();
+    let pg_b = PgRegion::standby_of(&pg_a, "b").unwrap();
+    // The server starts asynchronous: the agent must require b itself.
+    set_standby_names(&pg_a, Some("")).await;
+    pg_a.connect()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE drill_writes (id bigint PRIMARY KEY, region int NOT NULL)")
+        .await
+        .unwrap();
+    let pki = Arc::new(Pki::generate().unwrap());
+    let witnesses: Vec<WitnessProc> = (0..3)
+        .map(|_| WitnessProc::start(WitnessOpts::default().with_pki(pki.clone())).unwrap())
+        .collect();
+    let conn = |n: &str| json!({"connectionSecretRef": {"name": n, "key": "uri"}});
+    let spec = json!({
+        "regions": [{"name": "a", "postgres": conn("pg-a-conn")}, {"name": "b", "postgres": conn("pg-b-conn")}],
+        "witnesses": {"urls": witnesses.iter().map(|w| w.api_url()).collect::<Vec<_>>(), "tlsSecretRef": {"name": "witness-tls"}},
+        "ttlSeconds": 1,
+        "mode": "automatic",
+        "syncPolicy": "preferred",
+    });
+    let mut a = Region::new("a", &pki, Value::Null, &spec).await;
+    let mut b = Region::new("b", &pki, Value::Null, &spec).await;
+    a.put_connection_secret("pg-a-conn", &pg_a.conninfo()).await;
+    b.put_connection_secret("pg-b-conn", &pg_b.conninfo()).await;
+    a.start_agent().await;
+    b.start_agent().await;
+    wait_for(
+        "a primary at epoch 1, b recorded with a confirmed LSN",
+        Duration::from_secs(20),
+        || {
+            let s = a.status();
+            s["phase"] == "Primary"
+                && s["epoch"] == 1
+                && s["synchronousStandby"] == "b"
+                && s["confirmedLsn"].is_string()
+        },
+    )
+    .await;
+    // The running server waits for b: the agent set it, not the test.
+    let names: String = pg_a
+        .connect()
+        .await
+        .unwrap()
+        .query_one("SHOW synchronous_standby_names", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(names, "FIRST 1 (\"b\")");
+    wait_for("b standby of a", Duration::from_secs(10), || {
+        let s = b.status();
+        s["phase"] == "Standby" && s["primaryRegion"] == "a"
+    })
+    .await;
+    assert_eq!(db_epoch(&pg_b).await, Some(1), "epoch 1 replicated to b");
+    PgSetup {
+        pg_a,
+        pg_b,
+        a,
+        b,
+        witnesses,
+    }
+}
+
+/// `continuum.epoch` of a server (None: no table yet).
+async fn db_epoch(pg: &PgRegion) -> Option<i64> {
+    let c = pg.connect().await.ok()?;
+    let row = c
+        .query_opt("SELECT epoch FROM continuum.epoch WHERE id = 1", &[])
+        .await
+        .ok()??;
+    row.try_get(0).ok()
+}
+
+async fn server_fenced(pg: &PgRegion) -> bool {
+    continuum_shared::pg::backend::is_fenced(&pg.conninfo())
+        .await
+        .unwrap_or(false)
+}
+
+fn start_writer(
+    pg_a: &PgRegion,
+    pg_b: &PgRegion,
+) -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<continuum_tests::drill::writer::WriterLog>,
+) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let task = tokio::spawn(continuum_tests::drill::writer::run(
+        vec![pg_a.conninfo(), pg_b.conninfo()],
+        0,
+        1,
+        stop.clone(),
+    ));
+    (stop, task)
+}
+
+/// Region a dies (agent and server, kill -9) under a continuous writer: b's
+/// agent promotes its server once (pg_promote after replay caught up), with
+/// every commit a acknowledged; status, Events and metrics say so. a's
+/// server returns unfenced, as it was; its agent fences it under the newer
+/// epoch and it stays fenced (invariants 3-5 through the direct back-end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_regions_fail_over_without_loss_and_the_old_primary_stays_fenced() {
+    let PgSetup {
+        mut pg_a,
+        pg_b,
+        mut a,
+        mut b,
+        witnesses: _witnesses,
+    } = pg_setup().await;
+    let (stop, writer) = start_writer(&pg_a, &pg_b);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let confirmed = lsn(a.status()["confirmedLsn"].as_str().unwrap());
+
+    // Region death.
+    a.kill_agent();
+    pg_a.kill9().unwrap();
+    wait_for("b promoted", Duration::from_secs(15), || {
+        let s = b.status();
+        s["phase"] == "Primary"
+            && s["epoch"] == 2
+            && s["lastFailover"]["lsnAtPromotion"].is_string()
+    })
+    .await;
+    // The writer goes on against b.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let log = writer.await.unwrap();
+    let on_a = log.acks.iter().filter(|k| k.region == 0).count();
+    let on_b = log.acks.iter().filter(|k| k.region == 1).count();
+    assert!(on_a > 0 && on_b > 0, "acks on a {on_a}, on b {on_b}");
+    let ids: Vec<i64> = log.acks.iter().map(|k| k.id).collect();
+    let present: i64 = pg_b
+        .connect()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM drill_writes WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        present as usize,
+        ids.len(),
+        "every acknowledged commit is on b"
+    );
+    let at_promotion = lsn(b.status()["lastFailover"]["lsnAtPromotion"]
+        .as_str()
+        .unwrap());
+    assert!(
+        at_promotion >= confirmed,
+        "b promoted at {at_promotion:#x}, below a's confirmed {confirmed:#x}"
+    );
+    assert_eq!(db_epoch(&pg_b).await, Some(2), "b's server records epoch 2");
+    assert_eq!(
+        b.metric(
+            "continuum_cnpg_failover_actions_total",
+            &[("action", "promote"), ("result", "ok")]
+        ),
+        1
+    );
+    let events = b.api.objects("events.k8s.io", "events");
+    assert!(
+        events.iter().any(|e| e["reason"] == "Promoted"
+            && e["note"].as_str().is_some_and(|n| n.contains("pg_promote"))),
+        "a Promoted Event on b: {events:?}"
+    );
+
+    // a returns as it died: a primary, not fenced (kill -9 left no fence).
+    pg_a.start().unwrap();
+    assert!(!server_fenced(&pg_a).await, "kill -9 left a unfenced");
+    a.start_agent().await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !server_fenced(&pg_a).await {
+        assert!(tokio::time::Instant::now() < end, "a's server never fenced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and stays fenced while b is primary at the newer epoch.
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < until {
+        assert!(server_fenced(&pg_a).await, "a's server was unfenced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let write = pg_a
+        .connect()
+        .await
+        .unwrap()
+        .execute("INSERT INTO drill_writes VALUES (-1, 0)", &[])
+        .await;
+    assert!(write.is_err(), "the fenced former primary took a write");
+    assert_eq!(a.status()["phase"], "Fenced");
+    assert_eq!(b.status()["epoch"], 2);
+    let events = a.api.objects("events.k8s.io", "events");
+    assert!(
+        events.iter().any(|e| e["reason"] == "Fenced"),
+        "a Fenced Event on a: {events:?}"
+    );
+    a.assert_no_forbidden();
+    b.assert_no_forbidden();
+    a.kill_agent();
+    b.kill_agent();
+}
+
+/// The witnesses die while a writer commits to a: a's fence guard fences
+/// the server by its conservative deadline, so no commit is acknowledged
+/// later than one TTL after the last renewal could have been sent (the
+/// witnesses' kill), and b, without a majority, never promotes
+/// (invariant 2 through the direct back-end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_primary_fences_itself_when_the_witnesses_are_lost() {
+    let PgSetup {
+        pg_a,
+        pg_b,
+        mut a,
+        mut b,
+        mut witnesses,
+    } = pg_setup().await;
+    let (stop, writer) = start_writer(&pg_a, &pg_b);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = std::time::Instant::now();
+    for w in witnesses.iter_mut() {
+        w.kill9();
+    }
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !server_fenced(&pg_a).await {
+        assert!(tokio::time::Instant::now() < end, "a's server never fenced");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let log = writer.await.unwrap();
+    let last_a = log
+        .acks
+        .iter()
+        .filter(|k| k.region == 0)
+        .map(|k| k.at)
+        .max()
+        .expect("a acknowledged writes before the witnesses died");
+    let ttl = Duration::from_secs(1);
+    assert!(
+        last_a < killed + ttl,
+        "a acknowledged a commit {:?} after the witnesses died (TTL {ttl:?})",
+        last_a - killed
+    );
+    assert!(
+        log.acks.iter().all(|k| k.region == 0),
+        "b acknowledged writes without a majority"
+    );
+    assert!(
+        a.metric(
+            "continuum_cnpg_failover_actions_total",
+            &[("action", "fence"), ("result", "ok")]
+        ) >= 1
+    );
+    let in_recovery: bool = pg_b
+        .connect()
+        .await
+        .unwrap()
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_recovery, "b promoted without a majority");
+    a.assert_no_forbidden();
+    b.assert_no_forbidden();
+    a.kill_agent();
     b.kill_agent();
 }

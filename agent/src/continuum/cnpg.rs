@@ -94,7 +94,9 @@ impl Names {
         }
     }
 
-    fn cluster_of(&self, region: &HolderId) -> &str {
+    /// The `application_name` `region`'s database streams with (its
+    /// Cluster's name, or the region id for direct PostgreSQL).
+    pub fn application_name_of(&self, region: &HolderId) -> &str {
         if region == &self.region {
             &self.local_cluster
         } else {
@@ -235,7 +237,7 @@ fn synchronous_for(standby: Option<&HolderId>, names: &Names) -> Value {
         Some(s) => json!({
             "method": "first",
             "number": 1,
-            "standbyNamesPre": [names.cluster_of(s)],
+            "standbyNamesPre": [names.application_name_of(s)],
             // Local pods must never stand in for the other region.
             "maxStandbyNamesFromCluster": 0,
             "standbyNamesPost": [],

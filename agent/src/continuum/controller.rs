@@ -1,10 +1,11 @@
 //! The Continuum controller: a kube-runtime Controller over `Continuum`
 //! resources in this region's cluster. For each resource it runs the same
 //! observe -> decide -> apply pipeline as the direct-PostgreSQL runner
-//! (`crate::failover`), with the CNPG Cluster of this region as the database
-//! and the witnesses named in the spec (lease `continuum/<namespace>/<name>`).
+//! (`crate::failover`), with this region's database (its CNPG Cluster, or a
+//! PostgreSQL server over a connection: [`super::database`]) and the
+//! witnesses named in the spec (lease `continuum/<namespace>/<name>`).
 //!
-//! Each agent patches only its own region's Cluster; the other region's
+//! Each agent changes only its own region's database; the other region's
 //! agent does the same there, and the two meet only at the witnesses.
 //!
 //! Beside the reconcile loop (requeued every tick), each resource has:
@@ -46,9 +47,10 @@ use tokio::time::Instant;
 
 use super::cnpg::{self, ClusterHandle, Names};
 use super::crd::{
-    Condition, Continuum, ContinuumStatus, FailoverMode, LastFailover, LastSwitchover, SpecError,
-    SyncPolicySpec,
+    Condition, Continuum, ContinuumStatus, DatabaseRef, FailoverMode, LastFailover, LastSwitchover,
+    SpecError, SyncPolicySpec,
 };
+use super::database::{Database, DbError, Postgres};
 use super::dbfacts;
 
 /// Controller settings that are not per resource.
@@ -121,7 +123,7 @@ impl Metrics {
         let actions = IntCounterVec::new(
             Opts::new(
                 "continuum_cnpg_failover_actions_total",
-                "Failover actions on CNPG Clusters, by action and result.",
+                "Failover actions on the regions' databases (CNPG Clusters or PostgreSQL), by action and result.",
             ),
             &["action", "result"],
         )?;
@@ -150,11 +152,11 @@ impl Metrics {
         )?;
         let primary = gauge(
             "continuum_cnpg_cluster_primary",
-            "1 while this region's Cluster is the primary of the topology.",
+            "1 while this region's database (CNPG Cluster or PostgreSQL) is the primary.",
         )?;
         let fenced = gauge(
             "continuum_cnpg_cluster_fenced",
-            "1 while this region's Cluster is fenced.",
+            "1 while this region's database is fenced.",
         )?;
         let peer_reachable = IntGaugeVec::new(
             Opts::new(
@@ -196,14 +198,15 @@ struct Runner {
     secret_checked: Instant,
     quorum: Arc<QuorumClient>,
     ttl: Duration,
-    cluster: ClusterHandle,
+    db: Database,
     grant: watch::Sender<Option<Grant>>,
     renewer: Option<JoinHandle<()>>,
     recorded: Option<LeaseMeta>,
     /// When `recorded` was stored at the witnesses.
     recorded_at: Option<std::time::Instant>,
     meta_seq: u64,
-    /// libpq connection string from `connectionSecretRef`, if the spec names one.
+    /// libpq connection string from `connectionSecretRef`, if the spec
+    /// names one (always, for a `postgres` region).
     db_conn: Option<String>,
     /// The standby the running primary was last seen to require (`None`
     /// before the first successful read; see [`dbfacts::with_facts`]).
@@ -422,12 +425,12 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
     let names = Names {
         region: ctx.cfg.region.clone(),
         peer,
-        local_cluster: sides.local_cnpg.name.clone(),
-        peer_cluster: sides
-            .peer
-            .cnpg
-            .as_ref()
-            .map_or_else(|| sides.peer.name.clone(), |c| c.name.clone()),
+        local_cluster: sides.local.application_name().to_string(),
+        peer_cluster: sides.peer.application_name().to_string(),
+    };
+    let conn_ref = match sides.local_db {
+        DatabaseRef::Cnpg(c) => c.connection_secret_ref.as_ref(),
+        DatabaseRef::Postgres(p) => Some(&p.connection_secret_ref),
     };
     let ttl = Duration::from_secs(u64::from(cr.spec.ttl_seconds.max(1)));
     let spec_fp = format!(
@@ -435,7 +438,7 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
         cr.spec.witnesses.urls,
         cr.spec.witnesses.tls_secret_ref.name,
         ttl.as_millis(),
-        sides.local_cnpg
+        sides.local_db
     );
     let existing = ctx.runners.lock().await.get(&key).cloned();
     if let Some(r) = &existing {
@@ -447,38 +450,36 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
             return Ok(r.clone());
         }
         if same_spec {
-            let (rv, _, _) = secrets_for(
-                ctx,
-                &ns,
-                cr,
-                sides.local_cnpg.connection_secret_ref.as_ref(),
-            )
-            .await?;
+            let (rv, _, _) = secrets_for(ctx, &ns, cr, conn_ref).await?;
             if rv == guard.secret_rv {
                 guard.secret_checked = Instant::now();
                 return Ok(r.clone());
             }
         }
     }
-    let (secret_rv, tls, db_conn) = secrets_for(
-        ctx,
-        &ns,
-        cr,
-        sides.local_cnpg.connection_secret_ref.as_ref(),
-    )
-    .await?;
+    let (secret_rv, tls, db_conn) = secrets_for(ctx, &ns, cr, conn_ref).await?;
     let quorum = quorum_client(ctx, cr, &tls, ttl)?;
     let lease = LeaseName::new(format!("continuum/{ns}/{name}"))
         .map_err(|e| SpecError::LeaseName(e.to_string()))?;
-    let cluster_ns = sides.local_cnpg.namespace.clone().unwrap_or(ns.clone());
-    let cluster = ClusterHandle {
-        api: cnpg::cluster_api(ctx.client.clone(), &cluster_ns),
-        name: sides.local_cnpg.name.clone(),
+    let db = match (sides.local_db, &db_conn) {
+        (DatabaseRef::Cnpg(c), _) => Database::Cnpg(Box::new(ClusterHandle {
+            api: cnpg::cluster_api(ctx.client.clone(), c.namespace.as_deref().unwrap_or(&ns)),
+            name: c.name.clone(),
+        })),
+        (DatabaseRef::Postgres(_), Some(conn)) => {
+            Database::Postgres(Postgres::new(conn.clone(), ttl))
+        }
+        (DatabaseRef::Postgres(p), None) => {
+            return Err(Error::Connection(
+                p.connection_secret_ref.name.clone(),
+                "no connection string".into(),
+            ))
+        }
     };
     let (grant_tx, grant_rx) = watch::channel(None);
     tokio::spawn(fence_guard(
         grant_rx,
-        cluster.clone(),
+        db.clone(),
         ctx.metrics.clone(),
         ctx.recorder.clone(),
         cr.object_ref(&()),
@@ -493,7 +494,7 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
         secret_checked: Instant::now(),
         quorum,
         ttl,
-        cluster,
+        db,
         grant: grant_tx,
         renewer: None,
         recorded: None,
@@ -517,32 +518,32 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
     Ok(runner)
 }
 
-/// Fences the Cluster the moment the held grant's deadline passes without a
-/// renewal. When the runner is gone (leadership lost), it fences at the
+/// Fences the database the moment the held grant's deadline passes without
+/// a renewal. When the runner is gone (leadership lost), it fences at the
 /// last deadline it knew and exits.
 async fn fence_guard(
     grant: watch::Receiver<Option<Grant>>,
-    cluster: ClusterHandle,
+    db: Database,
     metrics: Metrics,
     recorder: Recorder,
     oref: ObjectReference,
     key: String,
 ) {
     let fence = |g: Grant, why: &'static str| {
-        let cluster = cluster.clone();
+        let db = db.clone();
         let metrics = metrics.clone();
         let recorder = recorder.clone();
         let oref = oref.clone();
         let key = key.clone();
         async move {
-            tracing::warn!(continuum = %key, action = "fence", reason = why, epoch = %g.epoch, "fencing the Cluster");
-            match cluster.fence().await {
-                Ok(()) => {
+            tracing::warn!(continuum = %key, action = "fence", reason = why, epoch = %g.epoch, "fencing the database");
+            match db.fence().await {
+                Ok(detail) => {
                     metrics.actions.with_label_values(&["fence", "ok"]).inc();
                     let ev = Event {
                         type_: EventType::Warning,
                         reason: "Fenced".into(),
-                        note: Some(format!("{why} (epoch {})", g.epoch)),
+                        note: Some(format!("{why} (epoch {}): {detail}", g.epoch)),
                         action: "Failover".into(),
                         secondary: None,
                     };
@@ -584,7 +585,50 @@ impl Runner {
             epoch: g.epoch,
             deadline: g.deadline.into_std(),
         });
-        let cluster = match self.cluster.get().await {
+        let (db, facts, cluster) = match self.db.clone() {
+            Database::Cnpg(handle) => self.observe_cnpg(&handle).await,
+            Database::Postgres(pg) => match pg.observe(&self.names).await {
+                Ok((d, f)) => {
+                    self.warn_if_blind(&f);
+                    (Some(d), Some(f), None)
+                }
+                Err(e) => {
+                    tracing::debug!(continuum = %self.key, error = %e, "database not answering");
+                    (None, None, None)
+                }
+            },
+        };
+        let view = match self.quorum.read_majority(&self.lease).await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::debug!(continuum = %self.key, error = %e, "no majority view");
+                None
+            }
+        };
+        if held.is_none_or(|h| now >= h.deadline) {
+            self.recorded = None;
+            self.recorded_at = None;
+        }
+        Seen {
+            db,
+            facts,
+            cluster,
+            view,
+            held,
+        }
+    }
+
+    /// The Cluster, and with a connection the running server's facts folded
+    /// in (see [`dbfacts`]).
+    async fn observe_cnpg(
+        &mut self,
+        handle: &ClusterHandle,
+    ) -> (
+        Option<DbState>,
+        Option<dbfacts::DbFacts>,
+        Option<DynamicObject>,
+    ) {
+        let cluster = match handle.get().await {
             Ok(c) => Some(c),
             Err(e) => {
                 tracing::debug!(continuum = %self.key, error = %e, "Cluster not readable");
@@ -599,10 +643,7 @@ impl Runner {
                     .await
                 {
                     Ok(Ok(f)) => {
-                        if !f.sees_replication && !self.warned_blind {
-                            self.warned_blind = true;
-                            tracing::warn!(continuum = %self.key, reason = "the connection's role lacks pg_monitor / pg_read_all_stats", "pg_stat_replication not readable: peer streaming and the confirmed LSN are unknown");
-                        }
+                        self.warn_if_blind(&f);
                         self.applied_standby = Some(dbfacts::applied_standby(&f, &self.names));
                         Some(f)
                     }
@@ -626,23 +667,13 @@ impl Runner {
                 d
             }
         });
-        let view = match self.quorum.read_majority(&self.lease).await {
-            Ok(v) => Some(v),
-            Err(e) => {
-                tracing::debug!(continuum = %self.key, error = %e, "no majority view");
-                None
-            }
-        };
-        if held.is_none_or(|h| now >= h.deadline) {
-            self.recorded = None;
-            self.recorded_at = None;
-        }
-        Seen {
-            db,
-            facts,
-            cluster,
-            view,
-            held,
+        (db, facts, cluster)
+    }
+
+    fn warn_if_blind(&mut self, f: &dbfacts::DbFacts) {
+        if !f.sees_replication && !self.warned_blind {
+            self.warned_blind = true;
+            tracing::warn!(continuum = %self.key, reason = "the connection's role lacks pg_monitor / pg_read_all_stats", "pg_stat_replication not readable: peer streaming and the confirmed LSN are unknown");
         }
     }
 
@@ -668,7 +699,13 @@ impl Runner {
         match step {
             cnpg::HandoverStep::Wait(reason) => Ok((*reason).to_string()),
             cnpg::HandoverStep::Demote => {
-                self.cluster
+                let Database::Cnpg(cluster) = &self.db else {
+                    return Err((
+                        "unsupported",
+                        "demotion by patch needs a CNPG Cluster".into(),
+                    ));
+                };
+                cluster
                     .patch(&cnpg::demote_patch(&self.names))
                     .await
                     .map_err(cnpg_err)?;
@@ -830,11 +867,12 @@ impl Runner {
         seen: &Seen,
     ) -> Result<String, (&'static str, String)> {
         let cnpg_err = |e: cnpg::CnpgError| (e.label(), e.to_string());
+        let db_err = |e: DbError| (e.label(), e.to_string());
         match action {
             Action::Wait { reason } => Ok((*reason).to_string()),
             Action::Fence { reason } => {
-                self.cluster.fence().await.map_err(cnpg_err)?;
-                Ok(format!("{reason}; {} set", cnpg::ANNOTATION_FENCED))
+                let detail = self.db.fence().await.map_err(db_err)?;
+                Ok(format!("{reason}; {detail}"))
             }
             Action::Acquire { reason } => {
                 let g = self
@@ -862,60 +900,75 @@ impl Runner {
                     }
                     Err(e) => {
                         if seen.db.as_ref().is_some_and(|d| d.primary && !d.fenced) {
-                            self.cluster.fence().await.map_err(cnpg_err)?;
-                            return Err((
-                                e.label(),
-                                format!("adoption refused ({e}): {} set", cnpg::ANNOTATION_FENCED),
-                            ));
+                            let detail = self.db.fence().await.map_err(db_err)?;
+                            return Err((e.label(), format!("adoption refused ({e}): {detail}")));
                         }
                         Err((e.label(), format!("adoption refused: {e}")))
                     }
                 }
             }
             Action::Promote { epoch } => {
-                let Some(obj) = seen.cluster.as_ref() else {
-                    return Err(("cluster_not_found", "no Cluster observed".into()));
-                };
                 let now = Timestamp::now();
-                if let Some(token) = self.promotion_token.take() {
-                    // Planned switchover: promote with the old primary's
-                    // demotion token; it stays attached as a replica.
-                    self.cluster
-                        .patch(&cnpg::promote_with_token_patch(
-                            obj,
-                            *epoch,
-                            &token,
-                            &rfc3339(now),
-                        ))
-                        .await
-                        .map_err(cnpg_err)?;
-                    let (started, t0) = self.acquired_at.take().unwrap_or((now, Instant::now()));
-                    self.last_switchover = Some(LastSwitchover {
-                        from_region: Some(self.names.peer.as_str().to_string()),
-                        to_region: Some(self.names.region.as_str().to_string()),
-                        started_at: Some(rfc3339(started)),
-                        completed_at: Some(rfc3339(Timestamp::now())),
-                        duration_ms: Some(t0.elapsed().as_millis() as u64),
-                        epoch: Some(epoch.0),
-                        ..LastSwitchover::default()
-                    });
-                    return Ok(format!(
-                        "switchover: promoted with the demotion token at epoch {epoch}; spec.replica.primary={}",
-                        self.names.local_cluster
-                    ));
-                }
-                self.cluster
-                    .patch(&cnpg::promote_patch(obj, *epoch, &rfc3339(now)))
-                    .await
-                    .map_err(cnpg_err)?;
+                let (how, replay) = match self.db.clone() {
+                    Database::Postgres(pg) => {
+                        let r = pg.promote().await.map_err(db_err)?;
+                        (
+                            format!(
+                                "pg_promote after replay caught up with received WAL (waited {:?}, promotion {:?})",
+                                r.catch_up_wait, r.promote
+                            ),
+                            r.lsn_at_promotion.map(|l| l.0),
+                        )
+                    }
+                    Database::Cnpg(cluster) => {
+                        let Some(obj) = seen.cluster.as_ref() else {
+                            return Err(("cluster_not_found", "no Cluster observed".into()));
+                        };
+                        if let Some(token) = self.promotion_token.take() {
+                            // Planned switchover: promote with the old primary's
+                            // demotion token; it stays attached as a replica.
+                            cluster
+                                .patch(&cnpg::promote_with_token_patch(
+                                    obj,
+                                    *epoch,
+                                    &token,
+                                    &rfc3339(now),
+                                ))
+                                .await
+                                .map_err(cnpg_err)?;
+                            let (started, t0) =
+                                self.acquired_at.take().unwrap_or((now, Instant::now()));
+                            self.last_switchover = Some(LastSwitchover {
+                                from_region: Some(self.names.peer.as_str().to_string()),
+                                to_region: Some(self.names.region.as_str().to_string()),
+                                started_at: Some(rfc3339(started)),
+                                completed_at: Some(rfc3339(Timestamp::now())),
+                                duration_ms: Some(t0.elapsed().as_millis() as u64),
+                                epoch: Some(epoch.0),
+                                ..LastSwitchover::default()
+                            });
+                            return Ok(format!(
+                                "switchover: promoted with the demotion token at epoch {epoch}; spec.replica.primary={}",
+                                self.names.local_cluster
+                            ));
+                        }
+                        cluster
+                            .patch(&cnpg::promote_patch(obj, *epoch, &rfc3339(now)))
+                            .await
+                            .map_err(cnpg_err)?;
+                        (
+                            format!(
+                                "promoted without a token (failover); spec.replica.primary={}",
+                                self.names.local_cluster
+                            ),
+                            seen.facts.as_ref().and_then(|f| f.replay).map(|l| l.0),
+                        )
+                    }
+                };
                 let (started, t0) = self.acquired_at.take().unwrap_or((now, Instant::now()));
-                // This server's replay position just before the promotion,
-                // else what the old primary last confirmed.
-                let lsn = seen
-                    .facts
-                    .as_ref()
-                    .and_then(|f| f.replay)
-                    .map(|l| l.0)
+                // This server's replay position at the promotion, else what
+                // the old primary last confirmed.
+                let lsn = replay
                     .or_else(|| {
                         seen.view
                             .as_ref()
@@ -932,32 +985,27 @@ impl Runner {
                     to_region: Some(self.names.region.as_str().to_string()),
                     epoch: Some(epoch.0),
                 });
-                Ok(format!(
-                    "promoted without a token (failover) at epoch {epoch}; spec.replica.primary={}; lsn_at_promotion={lsn:?}",
-                    self.names.local_cluster
-                ))
+                Ok(format!("{how} at epoch {epoch}; lsn_at_promotion={lsn:?}"))
             }
             Action::Unfence { standby } => {
-                self.cluster
-                    .patch(&cnpg::unfence_patch(standby.as_ref(), &self.names))
+                self.db
+                    .unfence(standby.as_ref(), &self.names)
                     .await
-                    .map_err(cnpg_err)?;
+                    .map_err(db_err)?;
                 Ok(format!("unfenced, requiring standby {standby:?}"))
             }
             Action::SetRequiredStandby { standby } => {
-                self.cluster
-                    .patch(&cnpg::set_standby_patch(standby.as_ref(), &self.names))
+                self.db
+                    .set_standby(standby.as_ref(), &self.names)
                     .await
-                    .map_err(cnpg_err)?;
+                    .map_err(db_err)?;
                 Ok(format!("now requiring standby {standby:?}"))
             }
-            Action::RecordEpoch { epoch } => {
-                self.cluster.record_epoch(*epoch).await.map_err(cnpg_err)?;
-                Ok(format!(
-                    "epoch {epoch} recorded as {}",
-                    cnpg::ANNOTATION_EPOCH
-                ))
-            }
+            Action::RecordEpoch { epoch } => self
+                .db
+                .record_epoch(*epoch, &self.names.region)
+                .await
+                .map_err(db_err),
             Action::StopForHandover
             | Action::Release { .. }
             | Action::FollowPeer { .. }
@@ -965,7 +1013,7 @@ impl Runner {
             | Action::Rejoin { .. } => Err((
                 "unsupported",
                 format!(
-                    "{} is a direct-PostgreSQL action; the CNPG operator manages this Cluster",
+                    "{} needs the database host (a data directory); this controller drives the database over the API server or a connection",
                     action.label()
                 ),
             )),

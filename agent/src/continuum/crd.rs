@@ -65,7 +65,11 @@ pub struct RegionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cnpg: Option<CnpgClusterRef>,
     /// For PostgreSQL not managed by CloudNativePG: a Secret holding a libpq
-    /// connection string (superuser) to the region's database.
+    /// connection string (superuser) to the region's database. The agent
+    /// fences (read-only, sessions terminated), promotes (`pg_promote` after
+    /// replay caught up) and sets `synchronous_standby_names` over it; the
+    /// standby streams with `application_name` = its region name. Exactly
+    /// one of `cnpg` and `postgres`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postgres: Option<PostgresRef>,
 }
@@ -98,6 +102,9 @@ pub struct CnpgClusterRef {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PostgresRef {
+    /// Secret key holding the connection string (`postgresql://...` or
+    /// `key=value` form) as a superuser: fencing terminates sessions and
+    /// changes settings with `ALTER SYSTEM`.
     pub connection_secret_ref: SecretKeyRef,
 }
 
@@ -276,8 +283,12 @@ pub enum SpecError {
     UnknownRegion(String),
     #[error("invalid region name {0:?}: {1}")]
     RegionName(String, String),
-    #[error("region {0:?} has no cnpg Cluster reference (this controller drives CloudNativePG; use `continuum-agent failover` for direct PostgreSQL)")]
-    NoCnpg(String),
+    #[error("region {0:?} names no database: set exactly one of cnpg and postgres")]
+    NoDatabase(String),
+    #[error("region {0:?} names both a cnpg Cluster and a postgres connection: set exactly one")]
+    TwoDatabases(String),
+    #[error("one region names a cnpg Cluster and the other a postgres connection: both must be of one kind")]
+    MixedDatabases,
     #[error("spec.witnesses.urls is empty")]
     NoWitnesses,
     #[error("invalid lease name: {0}")]
@@ -290,9 +301,40 @@ impl SpecError {
             Self::RegionCount(_) => "region_count",
             Self::UnknownRegion(_) => "unknown_region",
             Self::RegionName(..) => "region_name",
-            Self::NoCnpg(_) => "no_cnpg",
+            Self::NoDatabase(_) => "no_database",
+            Self::TwoDatabases(_) => "two_databases",
+            Self::MixedDatabases => "mixed_databases",
             Self::NoWitnesses => "no_witnesses",
             Self::LeaseName(_) => "lease_name",
+        }
+    }
+}
+
+/// The database a region names.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DatabaseRef<'a> {
+    Cnpg(&'a CnpgClusterRef),
+    Postgres(&'a PostgresRef),
+}
+
+impl RegionSpec {
+    /// The region's database: exactly one of `cnpg` and `postgres`.
+    pub fn database(&self) -> Result<DatabaseRef<'_>, SpecError> {
+        match (&self.cnpg, &self.postgres) {
+            (Some(c), None) => Ok(DatabaseRef::Cnpg(c)),
+            (None, Some(p)) => Ok(DatabaseRef::Postgres(p)),
+            (None, None) => Err(SpecError::NoDatabase(self.name.clone())),
+            (Some(_), Some(_)) => Err(SpecError::TwoDatabases(self.name.clone())),
+        }
+    }
+
+    /// The `application_name` this region's database streams with when it
+    /// is the standby: the CNPG Cluster's name (CNPG's designated primary
+    /// uses it), else the region name.
+    pub fn application_name(&self) -> &str {
+        match &self.cnpg {
+            Some(c) => &c.name,
+            None => &self.name,
         }
     }
 }
@@ -301,7 +343,7 @@ impl SpecError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sides<'a> {
     pub local: &'a RegionSpec,
-    pub local_cnpg: &'a CnpgClusterRef,
+    pub local_db: DatabaseRef<'a>,
     pub peer: &'a RegionSpec,
 }
 
@@ -323,10 +365,16 @@ impl ContinuumSpec {
             (false, true) => (&self.regions[1], &self.regions[0]),
             _ => return Err(SpecError::UnknownRegion(local.to_string())),
         };
-        let local_cnpg = l.cnpg.as_ref().ok_or(SpecError::NoCnpg(l.name.clone()))?;
+        let local_db = l.database()?;
+        // A CNPG replica cluster of an external server (or the reverse) is
+        // possible, but its promotion and naming are untested: refused.
+        if matches!(local_db, DatabaseRef::Cnpg(_)) != matches!(p.database()?, DatabaseRef::Cnpg(_))
+        {
+            return Err(SpecError::MixedDatabases);
+        }
         Ok(Sides {
             local: l,
-            local_cnpg,
+            local_db,
             peer: p,
         })
     }
@@ -336,18 +384,25 @@ impl ContinuumSpec {
 mod tests {
     use super::*;
 
-    fn spec(regions: &[(&str, bool)]) -> ContinuumSpec {
+    /// Regions by name and database: `c` CNPG, `p` postgres, `cp` both,
+    /// `-` none.
+    fn spec(regions: &[(&str, &str)]) -> ContinuumSpec {
         ContinuumSpec {
             regions: regions
                 .iter()
-                .map(|(n, cnpg)| RegionSpec {
+                .map(|(n, db)| RegionSpec {
                     name: n.to_string(),
-                    cnpg: cnpg.then(|| CnpgClusterRef {
+                    cnpg: db.contains('c').then(|| CnpgClusterRef {
                         namespace: None,
                         name: format!("pg-{n}"),
                         connection_secret_ref: None,
                     }),
-                    postgres: None,
+                    postgres: db.contains('p').then(|| PostgresRef {
+                        connection_secret_ref: SecretKeyRef {
+                            name: format!("pg-{n}"),
+                            key: "uri".into(),
+                        },
+                    }),
                 })
                 .collect(),
             witnesses: WitnessSpec {
@@ -362,37 +417,39 @@ mod tests {
 
     #[test]
     fn sides_validation() {
-        let s = spec(&[("a", true), ("b", true)]);
+        let s = spec(&[("a", "c"), ("b", "c")]);
         let sides = s.sides("b").unwrap();
         assert_eq!(sides.local.name, "b");
         assert_eq!(sides.peer.name, "a");
-        assert_eq!(sides.local_cnpg.name, "pg-b");
-        assert_eq!(s.sides("c").unwrap_err().label(), "unknown_region");
-        assert_eq!(
-            spec(&[("a", true)]).sides("a").unwrap_err().label(),
-            "region_count"
+        assert!(matches!(sides.local_db, DatabaseRef::Cnpg(c) if c.name == "pg-b"));
+        assert_eq!(sides.peer.application_name(), "pg-a");
+        let s = spec(&[("a", "p"), ("b", "p")]);
+        let sides = s.sides("a").unwrap();
+        assert!(
+            matches!(sides.local_db, DatabaseRef::Postgres(p) if p.connection_secret_ref.name == "pg-a")
         );
-        assert_eq!(
-            spec(&[("a", true), ("a", true)])
-                .sides("a")
-                .unwrap_err()
-                .label(),
-            "unknown_region"
-        );
-        assert_eq!(
-            spec(&[("a", false), ("b", true)])
-                .sides("a")
-                .unwrap_err()
-                .label(),
-            "no_cnpg"
-        );
-        assert_eq!(
-            spec(&[("A_1", true), ("b", true)])
-                .sides("b")
-                .unwrap_err()
-                .label(),
-            "region_name"
-        );
+        assert_eq!(sides.peer.application_name(), "b");
+        // (regions, local, error label)
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let refused: &[Case] = &[
+            (&[("a", "c"), ("b", "c")], "c", "unknown_region"),
+            (&[("a", "c")], "a", "region_count"),
+            (&[("a", "c"), ("a", "c")], "a", "unknown_region"),
+            (&[("a", "-"), ("b", "c")], "a", "no_database"),
+            (&[("a", "c"), ("b", "-")], "a", "no_database"),
+            (&[("a", "cp"), ("b", "c")], "a", "two_databases"),
+            (&[("a", "p"), ("b", "cp")], "a", "two_databases"),
+            (&[("A_1", "c"), ("b", "c")], "b", "region_name"),
+            (&[("a", "c"), ("b", "p")], "a", "mixed_databases"),
+            (&[("a", "c"), ("b", "p")], "b", "mixed_databases"),
+        ];
+        for (regions, local, want) in refused {
+            assert_eq!(
+                spec(regions).sides(local).unwrap_err().label(),
+                *want,
+                "{regions:?} from {local}"
+            );
+        }
     }
 
     #[test]

@@ -42,6 +42,11 @@ pub struct DbFacts {
 /// (its `application_name`).
 pub async fn read(conninfo: &str, peer_cluster: &str) -> Result<DbFacts, PgError> {
     let client = pg::connect(conninfo).await?;
+    read_on(&client, peer_cluster).await
+}
+
+/// [`read`] on an open connection.
+pub async fn read_on(client: &pg::Client, peer_cluster: &str) -> Result<DbFacts, PgError> {
     let row = client
         .query_one(
             "SELECT pg_is_in_recovery(), current_setting('synchronous_standby_names'), \

@@ -6,6 +6,7 @@
 pub mod cnpg;
 pub mod controller;
 pub mod crd;
+pub mod database;
 pub mod dbfacts;
 pub mod switchover;
 

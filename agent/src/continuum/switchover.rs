@@ -18,7 +18,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use super::cnpg::ANNOTATION_SWITCHOVER_TO;
-use super::crd::{Continuum, ContinuumStatus, LastSwitchover};
+use super::crd::{Continuum, ContinuumSpec, ContinuumStatus, LastSwitchover};
 
 /// What [`request`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +54,22 @@ pub fn check(status: Option<&ContinuumStatus>, to: &str) -> Result<Requested, St
     }
 }
 
+/// Whether the controller can switch this Continuum over: only CNPG's
+/// distributed topology hands over without a rebuild. A region that names a
+/// `postgres` connection fails over automatically, but a clean handover
+/// stops its server on its host, which the controller cannot reach.
+pub fn supported(spec: &ContinuumSpec) -> Result<(), String> {
+    match spec.regions.iter().find(|r| r.postgres.is_some()) {
+        Some(r) => Err(format!(
+            "region {} names a postgres connection: the Continuum controller fails such regions over \
+             but cannot switch them over (a clean handover stops the server on its host); run \
+             `continuum-agent failover` on the database hosts and `continuum-agent switchover --agent ...`",
+            r.name
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Asks for a switchover to `to` (idempotent).
 pub async fn request(
     client: &kube::Client,
@@ -69,6 +85,9 @@ pub async fn request(
         .with_context(|| format!("Continuum {ns}/{name}"))?;
     if !cr.spec.regions.iter().any(|r| r.name == to) {
         bail!("region {to} is not in spec.regions of {ns}/{name}");
+    }
+    if let Err(why) = supported(&cr.spec) {
+        bail!("Continuum {ns}/{name}: {why}");
     }
     match check(cr.status.as_ref(), to) {
         Ok(Requested::AlreadyPrimary) => {
@@ -169,5 +188,31 @@ mod tests {
                 _ => panic!("{name}: got {got:?}"),
             }
         }
+    }
+
+    #[test]
+    fn postgres_regions_are_refused() {
+        let spec = |a: &str, b: &str| -> ContinuumSpec {
+            let region = |n: &str, kind: &str| match kind {
+                "cnpg" => json!({"name": n, "cnpg": {"name": format!("pg-{n}")}}),
+                _ => {
+                    json!({"name": n, "postgres": {"connectionSecretRef": {"name": n, "key": "uri"}}})
+                }
+            };
+            serde_json::from_value(json!({
+                "regions": [region("a", a), region("b", b)],
+                "witnesses": {"urls": ["https://w"], "tlsSecretRef": {"name": "t"}},
+            }))
+            .expect("spec")
+        };
+        assert_eq!(supported(&spec("cnpg", "cnpg")), Ok(()));
+        let err = supported(&spec("postgres", "postgres")).expect_err("postgres");
+        assert!(
+            err.contains("region a names a postgres connection"),
+            "{err}"
+        );
+        assert!(supported(&spec("cnpg", "postgres"))
+            .expect_err("mixed")
+            .contains("region b"));
     }
 }

@@ -30,6 +30,13 @@ pub fn required_standby(names: &str) -> Option<HolderId> {
 /// One round trip's worth of facts about the database.
 pub async fn database(conninfo: &str, peer: &HolderId) -> Result<DbState, String> {
     let client = pg::connect(conninfo).await.map_err(|e| e.to_string())?;
+    database_on(&client, peer.as_str()).await
+}
+
+/// [`database`] on an open connection; the peer streams as `peer_app`.
+/// `required_standby` is the holder id written in `synchronous_standby_names`
+/// (the direct runner's standbys stream as their region id).
+pub async fn database_on(client: &pg::Client, peer_app: &str) -> Result<DbState, String> {
     let row = client
         .query_one(
             "SELECT pg_is_in_recovery(), \
@@ -39,7 +46,7 @@ pub async fn database(conninfo: &str, peer: &HolderId) -> Result<DbState, String
                       WHERE application_name = $1 AND state = 'streaming'), \
                     to_regclass('continuum.epoch') IS NOT NULL, \
                     pg_last_wal_replay_lsn()::text",
-            &[&peer.as_str()],
+            &[&peer_app],
         )
         .await
         .map_err(|e| e.to_string())?;

@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, NoTls};
+/// A connection opened by [`connect`].
+pub use tokio_postgres::Client;
+use tokio_postgres::NoTls;
 
 use super::decide::{self, CatchUp, ReplicationRow, StandbyStatus, SyncStandby};
 use super::{Lsn, PgError};
