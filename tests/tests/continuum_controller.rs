@@ -1349,14 +1349,7 @@ async fn pg_setup() -> PgSetup {
     )
     .await;
     // The running server waits for b: the agent set it, not the test.
-    let names: String = pg_a
-        .connect()
-        .await
-        .unwrap()
-        .query_one("SHOW synchronous_standby_names", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let names: String = scalar(&pg_a, "SHOW synchronous_standby_names", &[]).await;
     assert_eq!(names, "FIRST 1 (\"b\")");
     wait_for("b standby of a", Duration::from_secs(10), || {
         let s = b.status();
@@ -1371,6 +1364,24 @@ async fn pg_setup() -> PgSetup {
         b,
         witnesses,
     }
+}
+
+/// The one value `sql` returns on `pg`.
+async fn scalar<T>(
+    pg: &PgRegion,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> T
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    pg.connect()
+        .await
+        .unwrap()
+        .query_one(sql, params)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }
 
 /// `continuum.epoch` of a server (None: no table yet).
@@ -1442,17 +1453,12 @@ async fn postgres_regions_fail_over_without_loss_and_the_old_primary_stays_fence
     let on_b = log.acks.iter().filter(|k| k.region == 1).count();
     assert!(on_a > 0 && on_b > 0, "acks on a {on_a}, on b {on_b}");
     let ids: Vec<i64> = log.acks.iter().map(|k| k.id).collect();
-    let present: i64 = pg_b
-        .connect()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT count(*) FROM drill_writes WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let present: i64 = scalar(
+        &pg_b,
+        "SELECT count(*) FROM drill_writes WHERE id = ANY($1)",
+        &[&ids],
+    )
+    .await;
     assert_eq!(
         present as usize,
         ids.len(),
@@ -1566,14 +1572,7 @@ async fn postgres_primary_fences_itself_when_the_witnesses_are_lost() {
             &[("action", "fence"), ("result", "ok")]
         ) >= 1
     );
-    let in_recovery: bool = pg_b
-        .connect()
-        .await
-        .unwrap()
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let in_recovery: bool = scalar(&pg_b, "SELECT pg_is_in_recovery()", &[]).await;
     assert!(in_recovery, "b promoted without a majority");
     a.assert_no_forbidden();
     b.assert_no_forbidden();
