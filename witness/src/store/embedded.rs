@@ -134,33 +134,41 @@ impl EmbeddedStore {
         self.writer_alive.load(Ordering::SeqCst)
     }
 
-    fn slot(&self, name: &LeaseName, create: bool) -> Option<Slot> {
+    fn slot(&self, name: &LeaseName) -> Option<Slot> {
+        let shard = self.shards[shard_of(name)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        shard.get(name).cloned()
+    }
+
+    fn slot_or_new(&self, name: &LeaseName) -> Slot {
         let mut shard = self.shards[shard_of(name)]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = shard.get(name) {
-            return Some(s.clone());
-        }
-        if !create {
-            return None;
-        }
-        let s: Slot = Arc::default();
-        shard.insert(name.clone(), s.clone());
-        Some(s)
+        shard.entry(name.clone()).or_default().clone()
     }
 
     pub async fn apply(&self, req: &Request, now: Instant) -> Result<Applied, StoreError> {
         let name = req.name();
-        let Some(slot) = self.slot(name, !matches!(req, Request::Read(_))) else {
-            // A read of a lease never seen: nothing to lock or create.
-            let d = decide(&LeaseRecord::default(), req, now);
-            return Ok(Applied {
-                response: d.response,
-                effect: d.effect,
-                previous_holder: None,
-                holder: None,
-                epoch: d.record.epoch,
-            });
+        let slot = match self.slot(name) {
+            Some(s) => s,
+            None => {
+                // A lease never seen: only a request that changes it gets a
+                // slot. Reads, and renewals, releases and metadata updates
+                // (refused: nobody holds it), leave no state behind, so
+                // unknown names cannot grow the witness's memory.
+                let d = decide(&LeaseRecord::default(), req, now);
+                if d.effect == Effect::None && !d.persist {
+                    return Ok(Applied {
+                        response: d.response,
+                        effect: d.effect,
+                        previous_holder: None,
+                        holder: None,
+                        epoch: d.record.epoch,
+                    });
+                }
+                self.slot_or_new(name)
+            }
         };
         let mut rec = slot.lock().await;
         let previous_holder = rec.live_holder(now).cloned();
@@ -204,6 +212,15 @@ impl EmbeddedStore {
             ))),
             Err(_) => Err(StoreError::WriterStopped),
         }
+    }
+
+    /// How many leases have a slot in memory.
+    #[cfg(test)]
+    fn slots(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
     }
 
     pub async fn snapshot(&self, now: Instant) -> Vec<LeaseView> {
@@ -270,6 +287,50 @@ mod tests {
             epoch: Epoch(epoch),
             ttl_ms: 60_000,
         })
+    }
+
+    /// Requests that change nothing about a lease never seen leave no slot.
+    #[tokio::test]
+    async fn refused_requests_on_unknown_leases_leave_no_state() {
+        use continuum_shared::lease::{LeaseMeta, Read, Release, UpdateMeta};
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path(), true).unwrap();
+        let name = |n: &str| LeaseName::new(n).unwrap();
+        let holder = HolderId::new("eu-1").unwrap();
+        let refused = [
+            Request::Renew(Acquire {
+                name: name("r"),
+                holder: holder.clone(),
+                epoch: Epoch(1),
+                ttl_ms: 1000,
+            }),
+            Request::Release(Release {
+                name: name("l"),
+                holder: holder.clone(),
+                epoch: Epoch(1),
+            }),
+            Request::UpdateMeta(UpdateMeta {
+                name: name("m"),
+                holder: holder.clone(),
+                epoch: Epoch(1),
+                meta: LeaseMeta::default(),
+            }),
+            Request::Read(Read { name: name("q") }),
+        ];
+        for req in &refused {
+            let a = s.apply(req, Instant::now()).await.unwrap();
+            assert_eq!(a.effect, Effect::None, "{req:?}: {:?}", a.response);
+        }
+        assert_eq!(s.slots(), 0, "refused requests created slots");
+        s.apply(&acq("eu-1", 1), Instant::now()).await.unwrap();
+        assert_eq!(s.slots(), 1);
+        let names: Vec<_> = s
+            .snapshot(Instant::now())
+            .await
+            .into_iter()
+            .map(|v| v.name.to_string())
+            .collect();
+        assert_eq!(names, ["db"]);
     }
 
     #[tokio::test]
