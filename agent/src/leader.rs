@@ -208,6 +208,43 @@ async fn attempt(
     }
 }
 
+/// Gives the Lease up if this instance holds it, as client-go's
+/// `ReleaseOnCancel` does: the record keeps its transitions but names no
+/// holder, with a 1 s duration, so the other contenders take over at their
+/// next attempt (`decide`: an empty holder is free) instead of waiting out
+/// the lease. Call it only once this instance stopped renewing and stopped
+/// acting as leader. Returns whether a record was released.
+pub async fn release(api: &Api<Lease>, cfg: &LeaderConfig) -> Result<bool, kube::Error> {
+    // One retry when the record changed between the read and the write.
+    for _ in 0..2 {
+        let Some(mut lease) = api.get_opt(&cfg.name).await? else {
+            return Ok(false);
+        };
+        let old = lease.spec.clone().unwrap_or_default();
+        if old.holder_identity.as_deref() != Some(cfg.identity.as_str()) {
+            return Ok(false);
+        }
+        let now = MicroTime(Timestamp::now());
+        lease.spec = Some(LeaseSpec {
+            holder_identity: Some(String::new()),
+            lease_duration_seconds: Some(1),
+            acquire_time: Some(now.clone()),
+            renew_time: Some(now),
+            lease_transitions: old.lease_transitions,
+            ..Default::default()
+        });
+        match api.replace(&cfg.name, &PostParams::default(), &lease).await {
+            Ok(_) => {
+                tracing::info!(identity = %cfg.identity, lease = %cfg.name, reason = "shutting down", "leader Lease released");
+                return Ok(true);
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
+}
+
 /// Leader election as a task: the flag is `true` while this instance leads;
 /// the second receiver carries the latest Lease seen (its annotations are
 /// how operators talk to the leader, e.g. the guardrail acknowledgement).
@@ -229,6 +266,8 @@ pub fn elect(
 /// Runs a component only while this instance leads: `start` when leadership
 /// is won, `stop` (awaited) when it is lost, so two replicas never act at
 /// once for longer than the election allows. `gauge` is 1 while leading.
+/// Returns once the election ended (its sender dropped), after `stop` if
+/// the component was running.
 pub fn supervise<R, Start, Stop, StopFut>(
     mut leading: watch::Receiver<bool>,
     gauge: IntGauge,
@@ -252,13 +291,23 @@ where
             gauge.set(1);
             tracing::info!(component, reason = "won leadership", "component started");
             let running = start();
+            let mut ended = false;
             while *leading.borrow_and_update() {
                 if leading.changed().await.is_err() {
+                    ended = true;
                     break;
                 }
             }
             stop(running).await;
             gauge.set(0);
+            if ended {
+                tracing::info!(
+                    component,
+                    reason = "leader election stopped",
+                    "component stopped"
+                );
+                return;
+            }
             tracing::info!(component, reason = "lost leadership", "component stopped");
         }
     })

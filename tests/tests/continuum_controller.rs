@@ -40,8 +40,96 @@ fn continuum_ar() -> kube::core::ApiResource {
 struct Region {
     name: &'static str,
     api: TestApi,
-    rt: Option<tokio::runtime::Runtime>,
+    agent: Option<Instance>,
     registry: Option<prometheus::Registry>,
+}
+
+/// One agent process (pod) of a region: a `ContinuumAgent` in a runtime of
+/// its own. Dropping it is SIGKILL (every task stops at once);
+/// [`Instance::shutdown`] is SIGTERM (`ContinuumAgent::shutdown`).
+struct Instance {
+    rt: Option<tokio::runtime::Runtime>,
+    registry: prometheus::Registry,
+    leading: tokio::sync::watch::Receiver<bool>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stopped: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl Instance {
+    /// Starts an agent of `region` against `api` with leader-election
+    /// `identity` (the same leader Lease for every instance of a region).
+    async fn start(api: &TestApi, region: &'static str, identity: &str) -> Instance {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let cfg = api.config_for("agent").unwrap();
+        let identity = identity.to_string();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
+        rt.spawn(async move {
+            let client = kube::Client::try_from(cfg).unwrap();
+            let opts = Options {
+                controller: ControllerConfig {
+                    region: HolderId::new(region).unwrap(),
+                    tick: Duration::from_millis(50),
+                    max_drift: 0.01,
+                    margin: Duration::from_millis(200),
+                    instance: identity.clone(),
+                    meta_refresh: Duration::from_millis(300),
+                },
+                health_addr: "127.0.0.1:0".parse().unwrap(),
+                lease_namespace: "continuum-system".into(),
+                lease_name: "continuum-failover".into(),
+                identity,
+                lease_duration: Duration::from_secs(2),
+            };
+            let agent = ContinuumAgent::start(client, opts).await.unwrap();
+            let _ = tx.send((agent.registry.clone(), agent.leading.clone()));
+            if stop_rx.await.is_ok() {
+                agent.shutdown().await;
+                let _ = stopped_tx.send(());
+            } else {
+                std::future::pending::<()>().await;
+            }
+        });
+        let (registry, leading) = rx.await.unwrap();
+        Instance {
+            rt: Some(rt),
+            registry,
+            leading,
+            stop: Some(stop_tx),
+            stopped: Some(stopped_rx),
+        }
+    }
+
+    fn leading(&self) -> bool {
+        *self.leading.borrow()
+    }
+
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        counter_sum(&series_in(&self.registry, name, labels))
+    }
+
+    /// Graceful stop; returns once `ContinuumAgent::shutdown` returned.
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).unwrap();
+        }
+        if let Some(stopped) = self.stopped.take() {
+            stopped.await.unwrap();
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 fn role_rules() -> Vec<PolicyRule> {
@@ -120,7 +208,7 @@ impl Region {
         Region {
             name,
             api,
-            rt: None,
+            agent: None,
             registry: None,
         }
     }
@@ -153,47 +241,23 @@ impl Region {
             .unwrap();
     }
 
-    /// Starts this region's agent in a fresh runtime.
+    /// Starts this region's agent (identity `agent-<region>`) in a fresh runtime.
     async fn start_agent(&mut self) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let cfg = self.api.config_for("agent").unwrap();
-        let region = self.name;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        rt.spawn(async move {
-            let client = kube::Client::try_from(cfg).unwrap();
-            let opts = Options {
-                controller: ControllerConfig {
-                    region: HolderId::new(region).unwrap(),
-                    tick: Duration::from_millis(50),
-                    max_drift: 0.01,
-                    margin: Duration::from_millis(200),
-                    instance: format!("agent-{region}"),
-                    meta_refresh: Duration::from_millis(300),
-                },
-                health_addr: "127.0.0.1:0".parse().unwrap(),
-                lease_namespace: "continuum-system".into(),
-                lease_name: "continuum-failover".into(),
-                identity: format!("agent-{region}"),
-                lease_duration: Duration::from_secs(2),
-            };
-            let agent = ContinuumAgent::start(client, opts).await.unwrap();
-            let _ = tx.send(agent.registry.clone());
-            std::future::pending::<()>().await;
-            drop(agent);
-        });
-        self.registry = Some(rx.await.unwrap());
-        self.rt = Some(rt);
+        let agent = Instance::start(&self.api, self.name, &format!("agent-{}", self.name)).await;
+        self.registry = Some(agent.registry.clone());
+        self.agent = Some(agent);
     }
 
     /// Region death: every task of the agent stops at once (no fence on the
     /// way out, no lease release).
     fn kill_agent(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
+        self.agent.take();
+    }
+
+    /// SIGTERM: the agent stops gracefully (its registry stays readable).
+    async fn shutdown_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.shutdown().await;
         }
     }
 
@@ -214,29 +278,14 @@ impl Region {
 
     /// Every series of `name` carrying all of `labels`.
     fn series(&self, name: &str, labels: &[(&str, &str)]) -> Vec<prometheus::proto::Metric> {
-        let Some(reg) = &self.registry else {
-            return Vec::new();
-        };
-        reg.gather()
-            .iter()
-            .filter(|f| f.name() == name)
-            .flat_map(|f| f.get_metric().iter())
-            .filter(|m| {
-                labels.iter().all(|(k, v)| {
-                    m.get_label()
-                        .iter()
-                        .any(|l| l.name() == *k && l.value() == *v)
-                })
-            })
-            .cloned()
-            .collect()
+        self.registry
+            .as_ref()
+            .map(|reg| series_in(reg, name, labels))
+            .unwrap_or_default()
     }
 
     fn metric(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        self.series(name, labels)
-            .iter()
-            .map(|m| m.get_counter().get_value() as u64)
-            .sum()
+        counter_sum(&self.series(name, labels))
     }
 
     fn gauge(&self, name: &str, labels: &[(&str, &str)]) -> Option<i64> {
@@ -279,6 +328,34 @@ impl Region {
     }
 }
 
+/// Every series of `name` in `reg` carrying all of `labels`.
+fn series_in(
+    reg: &prometheus::Registry,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Vec<prometheus::proto::Metric> {
+    reg.gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| {
+            labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+fn counter_sum(series: &[prometheus::proto::Metric]) -> u64 {
+    series
+        .iter()
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
 fn annotation(obj: &Value, key: &str) -> Option<String> {
     obj["metadata"]["annotations"][key]
         .as_str()
@@ -313,6 +390,11 @@ fn sync_on(peer: &str) -> Value {
 /// Three witnesses, two regions, both agents running; returns once a holds
 /// the lease, has recorded b as its synchronous standby, and b waits.
 async fn setup(mode: &str) -> Setup {
+    setup_with(mode, 1).await
+}
+
+/// [`setup`] with a lease TTL of `ttl_seconds`.
+async fn setup_with(mode: &str, ttl_seconds: u64) -> Setup {
     let pki = Arc::new(Pki::generate().unwrap());
     let witnesses: Vec<WitnessProc> = (0..3)
         .map(|_| WitnessProc::start(WitnessOpts::default().with_pki(pki.clone())).unwrap())
@@ -320,7 +402,7 @@ async fn setup(mode: &str) -> Setup {
     let spec = json!({
         "regions": [{"name": "a", "cnpg": {"name": "pg-a"}}, {"name": "b", "cnpg": {"name": "pg-b"}}],
         "witnesses": {"urls": witnesses.iter().map(|w| w.api_url()).collect::<Vec<_>>(), "tlsSecretRef": {"name": "witness-tls"}},
-        "ttlSeconds": 1,
+        "ttlSeconds": ttl_seconds,
         "mode": mode,
         "syncPolicy": "preferred",
     });
@@ -1064,8 +1146,8 @@ async fn role_is_sufficient_and_minimal() {
         .await;
 }
 
-/// (seq, confirmed LSN) of the lease metadata at each witness that has one.
-async fn witness_metas(witnesses: &[WitnessProc]) -> Vec<(u64, Option<u64>)> {
+/// The lease as each witness sees it.
+async fn witness_views(witnesses: &[WitnessProc]) -> Vec<continuum_shared::lease::LeaseView> {
     use continuum_shared::lease::{LeaseName, Read, Request, Response};
     let mut out = Vec::new();
     for w in witnesses {
@@ -1077,12 +1159,19 @@ async fn witness_metas(witnesses: &[WitnessProc]) -> Vec<(u64, Option<u64>)> {
             .await
             .unwrap();
         if let Response::State(view) = resp {
-            if let Some(m) = view.meta {
-                out.push((m.seq, m.confirmed_lsn));
-            }
+            out.push(view);
         }
     }
     out
+}
+
+/// (seq, confirmed LSN) of the lease metadata at each witness that has one.
+async fn witness_metas(witnesses: &[WitnessProc]) -> Vec<(u64, Option<u64>)> {
+    witness_views(witnesses)
+        .await
+        .into_iter()
+        .filter_map(|v| v.meta.map(|m| (m.seq, m.confirmed_lsn)))
+        .collect()
 }
 
 fn lsn(text: &str) -> u64 {
@@ -1577,5 +1666,246 @@ async fn postgres_primary_fences_itself_when_the_witnesses_are_lost() {
     a.assert_no_forbidden();
     b.assert_no_forbidden();
     a.kill_agent();
+    b.kill_agent();
+}
+
+/// Versions of an object with the instant each arrived.
+type History = Arc<std::sync::Mutex<Vec<(tokio::time::Instant, Value)>>>;
+
+/// Every version of `r`'s Cluster written from now on (a watch from its
+/// current resourceVersion, resumed if the stream ends), with the instant
+/// it arrived: a fence that is lifted again a moment later is still seen.
+fn cluster_history(r: &Region) -> (History, tokio::task::JoinHandle<()>) {
+    use futures::TryStreamExt;
+    use kube::api::{WatchEvent, WatchParams};
+    let clusters = cnpg::cluster_api(r.api.admin_client().unwrap(), NS);
+    let name = format!("pg-{}", r.name);
+    let mut rv = r.cluster()["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let out = seen.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok(stream) = clusters.watch(&WatchParams::default(), &rv).await else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            let mut stream = Box::pin(stream);
+            while let Ok(Some(ev)) = stream.try_next().await {
+                let obj = match ev {
+                    WatchEvent::Added(o) | WatchEvent::Modified(o) => o,
+                    WatchEvent::Error(e) => panic!("Cluster watch: {e:?}"),
+                    _ => continue,
+                };
+                if let Some(v) = obj.metadata.resource_version.clone() {
+                    rv = v;
+                }
+                if obj.metadata.name.as_deref() == Some(name.as_str()) {
+                    let v = serde_json::to_value(&obj).unwrap();
+                    out.lock().unwrap().push((tokio::time::Instant::now(), v));
+                }
+            }
+        }
+    });
+    (seen, task)
+}
+
+/// First instant a recorded version satisfied `cond`.
+fn first_when(history: &History, cond: impl Fn(&Value) -> bool) -> Option<tokio::time::Instant> {
+    history
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(_, v)| cond(v))
+        .map(|(t, _)| *t)
+}
+
+const ACTIONS: &str = "continuum_cnpg_failover_actions_total";
+
+/// A rolling update of region a's Deployment: two agents of a share the
+/// leader Lease; the leading one gets SIGTERM. It stops its controller,
+/// releases the leader Lease, and its fence guard watches the witnesses:
+/// the other instance takes over at its next attempt, adopts the live grant
+/// (same epoch) and records under it, so the old guard stands down. a's
+/// Cluster is never fenced (every version of it is watched), b never
+/// promotes, the epoch at the witnesses stays 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_leader_handover_adopts_without_fencing() {
+    let Setup {
+        mut a,
+        b,
+        _witnesses,
+    } = setup_with("automatic", 5).await;
+    let (a_history, a_watch) = cluster_history(&a);
+    let (b_history, b_watch) = cluster_history(&b);
+    let a2 = Instance::start(&a.api, "a", "agent-a2").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(a.agent.as_ref().unwrap().leading(), "agent-a leads");
+    assert!(!a2.leading(), "agent-a2 follows");
+    // Counted from here (a fences its Cluster once while starting up,
+    // before it first acquires the lease).
+    let fences_before = a.metric(ACTIONS, &[("action", "fence"), ("result", "ok")]);
+    let fenced_events = |r: &Region| {
+        r.api
+            .objects("events.k8s.io", "events")
+            .iter()
+            .filter(|e| e["reason"] == "Fenced")
+            .count()
+    };
+    let fenced_events_before = fenced_events(&a);
+    let before = witness_views(&_witnesses).await;
+    assert!(before
+        .iter()
+        .all(|v| v.epoch.0 == 1 && v.holder.as_ref().map(|h| h.as_str()) == Some("a")));
+
+    let t0 = tokio::time::Instant::now();
+    a.shutdown_agent().await;
+    let took = t0.elapsed();
+    // The guard stood down (well before its deadline, < one TTL).
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    assert!(a2.leading(), "agent-a2 took the leader Lease over");
+    let old = |labels: &[(&str, &str)]| a.metric(ACTIONS, labels);
+    assert_eq!(old(&[("action", "fence"), ("result", "handed_over")]), 1);
+    assert_eq!(old(&[("action", "fence"), ("result", "ok")]), fences_before);
+    assert_eq!(
+        a2.metric(ACTIONS, &[("action", "fence"), ("result", "ok")]),
+        0
+    );
+    assert_eq!(
+        a2.metric(ACTIONS, &[("action", "adopt"), ("result", "ok")]),
+        1
+    );
+    assert_eq!(
+        a2.metric(ACTIONS, &[("action", "acquire"), ("result", "ok")]),
+        0
+    );
+    // The leader Lease was released (empty holder), then taken by agent-a2.
+    let lease = a
+        .api
+        .object(
+            "coordination.k8s.io",
+            "leases",
+            "continuum-system",
+            "continuum-failover",
+        )
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "agent-a2");
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+
+    // Several TTLs on: a2 keeps holding epoch 1; nothing fenced, b waits.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!fenced(&a.cluster()));
+        assert_eq!(b.cluster()["spec"]["replica"]["primary"], "pg-a");
+    }
+    let s = a.status();
+    assert_eq!(s["phase"], "Primary");
+    assert_eq!(s["epoch"], 1);
+    let after = witness_views(&_witnesses).await;
+    assert!(
+        after
+            .iter()
+            .all(|v| v.max_epoch.0 == 1 && v.holder.as_ref().map(|h| h.as_str()) == Some("a")),
+        "{after:?}"
+    );
+    // The watch was live throughout: a write made now reaches it (nothing
+    // else wrote a's Cluster during the handover).
+    cnpg::cluster_api(a.api.admin_client().unwrap(), NS)
+        .patch(
+            "pg-a",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"test/probe": "1"}}})),
+        )
+        .await
+        .unwrap();
+    wait_for("the watch sees the probe", Duration::from_secs(5), || {
+        first_when(&a_history, |c| c["metadata"]["labels"]["test/probe"] == "1").is_some()
+    })
+    .await;
+    a_watch.abort();
+    b_watch.abort();
+    assert_eq!(first_when(&a_history, fenced), None, "a was never fenced");
+    assert_eq!(
+        first_when(&b_history, |c| c["spec"]["replica"]["primary"] == "pg-b"),
+        None,
+        "b never promoted"
+    );
+    assert_eq!(
+        b.metric(ACTIONS, &[("action", "acquire"), ("result", "ok")]),
+        0
+    );
+    let events = a.api.objects("events.k8s.io", "events");
+    assert!(
+        events.iter().any(|e| e["reason"] == "FenceHandedOver"),
+        "a FenceHandedOver Event: {events:?}"
+    );
+    assert_eq!(
+        fenced_events(&a),
+        fenced_events_before,
+        "no Fenced Event since: {events:?}"
+    );
+    a.assert_no_forbidden();
+    b.assert_no_forbidden();
+    drop(a2);
+}
+
+/// SIGTERM with no other agent of region a: nobody adopts, so the old fence
+/// guard fences a's Cluster at its last deadline, which is before the
+/// witnesses' lease can expire (invariant 2): the fenced version of a's
+/// Cluster is written before b promotes, and shutdown returns within one
+/// TTL. b then promotes as after a region death.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_without_successor_fences_by_the_deadline() {
+    let Setup {
+        mut a,
+        mut b,
+        _witnesses,
+    } = setup_with("automatic", 2).await;
+    let (a_history, a_watch) = cluster_history(&a);
+    let (b_history, b_watch) = cluster_history(&b);
+    // Counted from here (a fences once while starting up).
+    let fences_before = a.metric(ACTIONS, &[("action", "fence"), ("result", "ok")]);
+    assert!(!fenced(&a.cluster()));
+    let t0 = tokio::time::Instant::now();
+    a.shutdown_agent().await;
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
+    assert!(fenced(&a.cluster()), "fenced when shutdown returns");
+    assert_eq!(
+        a.metric(ACTIONS, &[("action", "fence"), ("result", "ok")]),
+        fences_before + 1
+    );
+    assert_eq!(
+        a.metric(ACTIONS, &[("action", "fence"), ("result", "handed_over")]),
+        0
+    );
+    wait_for("b promoted", Duration::from_secs(15), || {
+        b.cluster()["spec"]["replica"]["primary"] == "pg-b"
+    })
+    .await;
+    assert_eq!(
+        annotation(&b.cluster(), cnpg::ANNOTATION_EPOCH).as_deref(),
+        Some("2")
+    );
+    // Give the watches a moment to deliver the last versions.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a_watch.abort();
+    b_watch.abort();
+    let fenced_at = first_when(&a_history, fenced).expect("a's fenced version seen");
+    let promoted_at = first_when(&b_history, |c| c["spec"]["replica"]["primary"] == "pg-b")
+        .expect("b's promotion seen");
+    assert!(
+        fenced_at < promoted_at,
+        "a fenced {:?} before b promoted",
+        promoted_at - fenced_at
+    );
+    assert!(
+        fenced_at - t0 < Duration::from_secs(2),
+        "fenced within one TTL"
+    );
+    a.assert_no_forbidden();
+    b.assert_no_forbidden();
     b.kill_agent();
 }

@@ -15,13 +15,17 @@
 //! * a fence guard that fences the Cluster the instant the deadline passes
 //!   without renewal, whatever the reconcile loop is doing (invariant 2).
 //!   It survives the loss of leadership and the removal of the runner: it
-//!   then fences at the last deadline and exits.
+//!   then fences at the last deadline and exits, unless the witnesses show
+//!   before that deadline that another agent of this region (the new
+//!   leader) adopted the grant and recorded under it: then it stands down
+//!   (`fence` counted as `handed_over`), so a leader change fences nothing.
 //!
 //! Nothing is kept that cannot be re-derived: after a restart the decision
 //! starts again from the Cluster's spec and annotations and the witnesses'
 //! majority view, so every action is idempotent.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -105,7 +109,9 @@ impl Error {
 /// Prometheus series of the Continuum controller.
 #[derive(Clone)]
 pub struct Metrics {
-    /// `action` = failover action label, `result` = ok | failed.
+    /// `action` = failover action label, `result` = ok | failed (and, for
+    /// `fence`, handed_over: a stopped runner's guard stood down because
+    /// another agent of this region adopted the grant).
     pub actions: IntCounterVec,
     pub action_errors: IntCounterVec,
     pub reconcile_errors: IntCounterVec,
@@ -204,7 +210,10 @@ struct Runner {
     recorded: Option<LeaseMeta>,
     /// When `recorded` was stored at the witnesses.
     recorded_at: Option<std::time::Instant>,
-    meta_seq: u64,
+    /// The highest metadata `seq` this runner used, stored before each
+    /// write is sent; its fence guard reads it to tell a successor's record
+    /// from this runner's own ([`crate::lease_guard::successor_verdict`]).
+    meta_seq: Arc<AtomicU64>,
     /// libpq connection string from `connectionSecretRef`, if the spec
     /// names one (always, for a `postgres` region).
     db_conn: Option<String>,
@@ -238,7 +247,8 @@ struct Runner {
 
 impl Drop for Runner {
     fn drop(&mut self) {
-        // Stop renewing; the fence guard fences at the last deadline.
+        // Stop renewing; the fence guard fences at the last deadline unless
+        // a successor of this region adopts the grant first.
         if let Some(r) = self.renewer.take() {
             r.abort();
         }
@@ -252,6 +262,8 @@ pub struct Ctx {
     pub metrics: Metrics,
     pub recorder: Recorder,
     runners: Mutex<HashMap<String, Arc<Mutex<Runner>>>>,
+    /// Fence guards of the runners (finished ones are pruned).
+    guards: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Ctx {
@@ -266,11 +278,35 @@ impl Ctx {
             cfg,
             metrics,
             runners: Mutex::new(HashMap::new()),
+            guards: std::sync::Mutex::new(Vec::new()),
         }
     }
 
-    /// Stop renewing every lease (on losing leadership). Each fence guard
-    /// fences its Cluster at the last deadline.
+    fn track_guard(&self, guard: JoinHandle<()>) {
+        let mut g = self.guards.lock().unwrap_or_else(|e| e.into_inner());
+        g.retain(|t| !t.is_finished());
+        g.push(guard);
+    }
+
+    /// Waits until every fence guard has ended. After [`Ctx::stop_all`]
+    /// each ends by its last deadline at the latest: stood down for a
+    /// successor, or fenced (shutdown waits for this before exiting).
+    pub async fn wait_for_guards(&self) {
+        loop {
+            let pending: Vec<JoinHandle<()>> =
+                std::mem::take(&mut *self.guards.lock().unwrap_or_else(|e| e.into_inner()));
+            if pending.is_empty() {
+                return;
+            }
+            for t in pending {
+                let _ = t.await;
+            }
+        }
+    }
+
+    /// Stop renewing every lease (on losing leadership, on shutdown). Each
+    /// fence guard then stands down for a successor of this region that
+    /// adopts the grant, or fences its Cluster at the last deadline.
     pub async fn stop_all(&self) {
         self.runners.lock().await.clear();
     }
@@ -477,14 +513,21 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
         }
     };
     let (grant_tx, grant_rx) = watch::channel(None);
-    tokio::spawn(fence_guard(
+    let meta_seq = Arc::new(AtomicU64::new(0));
+    let guard = tokio::spawn(fence_guard(
         grant_rx,
         db.clone(),
         ctx.metrics.clone(),
         ctx.recorder.clone(),
         cr.object_ref(&()),
         key.clone(),
+        crate::lease_guard::SuccessorWatch {
+            quorum: quorum.clone(),
+            lease: lease.clone(),
+            last_seq: meta_seq.clone(),
+        },
     ));
+    ctx.track_guard(guard);
     let runner = Arc::new(Mutex::new(Runner {
         key: key.clone(),
         lease,
@@ -499,7 +542,7 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
         renewer: None,
         recorded: None,
         recorded_at: None,
-        meta_seq: 0,
+        meta_seq,
         db_conn,
         applied_standby: None,
         meta_refresh: ctx.cfg.meta_refresh,
@@ -519,8 +562,11 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
 }
 
 /// Fences the database the moment the held grant's deadline passes without
-/// a renewal. When the runner is gone (leadership lost), it fences at the
-/// last deadline it knew and exits.
+/// a renewal. When the runner is gone (leadership lost, shutdown), it watches
+/// the witnesses until the last deadline it knew: if another agent of this
+/// region adopted the grant and recorded under it (a new leader, whose own
+/// guard is armed), it stands down; otherwise it fences at that deadline.
+/// Either way it then exits.
 async fn fence_guard(
     grant: watch::Receiver<Option<Grant>>,
     db: Database,
@@ -528,6 +574,7 @@ async fn fence_guard(
     recorder: Recorder,
     oref: ObjectReference,
     key: String,
+    successor: crate::lease_guard::SuccessorWatch,
 ) {
     let fence = |g: Grant, why: &'static str| {
         let db = db.clone();
@@ -565,7 +612,30 @@ async fn fence_guard(
             }
         }
     };
-    crate::lease_guard::fence_at_deadline(grant, fence).await
+    let Some(h) =
+        crate::lease_guard::fence_at_deadline_unless_adopted(grant, fence, successor).await
+    else {
+        return;
+    };
+    let note = format!(
+        "another agent of this region adopted epoch {} and recorded at the witnesses (seq {} > this agent's {}): it guards the lease now; not fencing",
+        h.grant_epoch, h.successor_seq, h.own_seq
+    );
+    tracing::info!(continuum = %key, action = "fence", result = "handed_over", epoch = %h.grant_epoch, reason = %note, "fence stood down");
+    metrics
+        .actions
+        .with_label_values(&["fence", "handed_over"])
+        .inc();
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: "FenceHandedOver".into(),
+        note: Some(note),
+        action: "Failover".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&ev, &oref).await {
+        tracing::warn!(error = %e, "could not publish Event");
+    }
 }
 
 /// What one tick saw.
@@ -579,6 +649,15 @@ struct Seen {
 }
 
 impl Runner {
+    /// The `seq` of the next metadata write (above `seen`, the highest the
+    /// last majority read showed at this epoch), published to the fence
+    /// guard before the write is sent.
+    fn next_meta_seq(&mut self, seen: Option<u64>) -> u64 {
+        let seq = LeaseMeta::next_seq(self.meta_seq.load(Ordering::SeqCst), seen);
+        self.meta_seq.fetch_max(seq, Ordering::SeqCst);
+        seq
+    }
+
     async fn observe(&mut self) -> Seen {
         let now = std::time::Instant::now();
         let held = self.grant.borrow().as_ref().map(|g| Held {
@@ -720,8 +799,7 @@ impl Runner {
                     return Err(("not_holding", "no grant to record the token under".into()));
                 };
                 let mut meta = rec;
-                self.meta_seq = LeaseMeta::next_seq(self.meta_seq, None);
-                meta.seq = self.meta_seq;
+                meta.seq = self.next_meta_seq(None);
                 if let Some(h) = meta.handover.as_mut() {
                     h.promotion_token = Some(token.clone());
                 }
@@ -1025,11 +1103,11 @@ impl Runner {
                 let Some(grant) = grant else {
                     return Err(("not_holding", "no grant to update metadata under".into()));
                 };
-                self.meta_seq = LeaseMeta::next_seq(self.meta_seq, seen_seq(seen, grant.epoch));
+                let seq = self.next_meta_seq(seen_seq(seen, grant.epoch));
                 let meta = LeaseMeta {
                     sync_standby: sync_standby.clone(),
                     confirmed_lsn: self.confirmed_lsn(seen, sync_standby.as_ref()),
-                    seq: self.meta_seq,
+                    seq,
                     handover: handover.clone(),
                 };
                 self.quorum
@@ -1060,13 +1138,13 @@ impl Runner {
                 let Some(grant) = grant else {
                     return Err(("not_holding", "no grant to update metadata under".into()));
                 };
-                self.meta_seq = LeaseMeta::next_seq(self.meta_seq, seen_seq(seen, grant.epoch));
+                let seq = self.next_meta_seq(seen_seq(seen, grant.epoch));
                 // The Cluster does not carry the confirmed LSN; only a
                 // connection to the server does.
                 let meta = LeaseMeta {
                     sync_standby: sync_standby.clone(),
                     confirmed_lsn: self.confirmed_lsn(seen, sync_standby.as_ref()),
-                    seq: self.meta_seq,
+                    seq,
                     handover: handover.clone(),
                 };
                 self.quorum
@@ -1495,11 +1573,11 @@ async fn finalize(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
         let mut r = runner.lock().await;
         let grant = r.grant.borrow().clone();
         if let Some(g) = grant.filter(|g| g.is_held_at(Instant::now())) {
-            r.meta_seq = LeaseMeta::next_seq(r.meta_seq, None);
+            let seq = r.next_meta_seq(None);
             let meta = LeaseMeta {
                 sync_standby: None,
                 confirmed_lsn: None,
-                seq: r.meta_seq,
+                seq,
                 handover: None,
             };
             if let Err(e) = r.quorum.update_meta(&g, &meta).await {

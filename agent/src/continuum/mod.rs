@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use continuum_shared::lease::HolderId;
-use kube::Client;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
 use prometheus::{IntGauge, Registry};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -64,8 +65,10 @@ pub struct ContinuumArgs {
     #[arg(long, env = "CONTINUUM_IDENTITY")]
     pub identity: Option<String>,
     /// Leader Lease duration, seconds. Keep it below the Continuums' TTL: if
-    /// the leading pod dies, its witness leases run out after one TTL, and a
-    /// replica that is not leading by then lets the other region promote.
+    /// the leading pod dies without SIGTERM, its witness leases run out after
+    /// one TTL, and a replica that is not leading by then lets the other
+    /// region promote. (On SIGTERM the leader releases the Lease: the
+    /// replica takes over at its next attempt, about a fifth of this.)
     #[arg(long, env = "CONTINUUM_LEADER_LEASE_SECONDS", default_value_t = 4)]
     pub leader_lease_seconds: u64,
     /// Plain HTTP port for /metrics, /healthz, /readyz.
@@ -86,17 +89,26 @@ pub struct Options {
 
 /// A running controller with its health port and leader election; every
 /// task stops when dropped (the fence guards of held leases excepted: they
-/// fence at the last deadline).
+/// fence at the last deadline unless another agent of this region adopts
+/// the grant first). [`ContinuumAgent::shutdown`] stops it gracefully.
 pub struct ContinuumAgent {
     pub health_addr: SocketAddr,
     pub leading: watch::Receiver<bool>,
     pub registry: Registry,
-    tasks: Vec<JoinHandle<()>>,
+    ctx: Arc<Ctx>,
+    leases: Api<Lease>,
+    leader_cfg: LeaderConfig,
+    health_task: Option<JoinHandle<()>>,
+    leader_task: Option<JoinHandle<()>>,
+    supervisor: Option<JoinHandle<()>>,
 }
 
 impl Drop for ContinuumAgent {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in [&self.health_task, &self.leader_task, &self.supervisor]
+            .into_iter()
+            .flatten()
+        {
             t.abort();
         }
     }
@@ -116,26 +128,29 @@ impl ContinuumAgent {
             HealthState::without_guardrail(registry.clone()),
         )
         .await?;
-        let (leading_rx, _lease_rx, leader_task) = leader::elect(
-            &client,
-            LeaderConfig::new(
-                &opts.lease_namespace,
-                &opts.lease_name,
-                &opts.identity,
-                opts.lease_duration,
-            ),
+        let leader_cfg = LeaderConfig::new(
+            &opts.lease_namespace,
+            &opts.lease_name,
+            &opts.identity,
+            opts.lease_duration,
         );
+        let leases: Api<Lease> = Api::namespaced(client.clone(), &opts.lease_namespace);
+        let (leading_rx, _lease_rx, leader_task) = leader::elect(&client, leader_cfg.clone());
         let ctx = Arc::new(Ctx::new(client, opts.controller.clone(), metrics));
+        let start_ctx = ctx.clone();
         let stop_ctx = ctx.clone();
         let supervisor = leader::supervise(
             leading_rx.clone(),
             leader_gauge,
             "Continuum controller",
-            move || tokio::spawn(controller::run(ctx.clone())),
+            move || tokio::spawn(controller::run(start_ctx.clone())),
             move |ctl| {
                 let ctx = stop_ctx.clone();
                 async move {
                     ctl.abort();
+                    // Its reconciles are gone once the task is: no runner
+                    // is left in use when they are dropped below.
+                    let _ = ctl.await;
                     // Stop renewing: the next leader must not find this
                     // instance still holding leases it no longer watches.
                     ctx.stop_all().await;
@@ -146,8 +161,48 @@ impl ContinuumAgent {
             health_addr,
             leading: leading_rx,
             registry,
-            tasks: vec![health_task, leader_task, supervisor],
+            ctx,
+            leases,
+            leader_cfg,
+            health_task: Some(health_task),
+            leader_task: Some(leader_task),
+            supervisor: Some(supervisor),
         })
+    }
+
+    /// Graceful stop (SIGTERM): stop campaigning, stop the controller (every
+    /// runner is dropped, so each held lease's fence guard starts watching
+    /// for a successor), release the leader Lease if this instance holds it
+    /// (the other replica takes over at its next attempt, about a fifth of
+    /// the leader Lease, and adopts the live grants), then wait for every
+    /// fence guard to end: stood down because the new leader adopted and
+    /// recorded, or fenced at its last deadline (invariant 2 either way).
+    /// Takes at most about one Continuum TTL after the controller stopped.
+    pub async fn shutdown(mut self) {
+        let identity = self.leader_cfg.identity.clone();
+        tracing::info!(%identity, reason = "shutdown requested", "stopping the Continuum controller");
+        if let Some(t) = self.leader_task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+        // The election ended: the supervisor stops the controller and returns.
+        if let Some(t) = self.supervisor.take() {
+            let _ = t.await;
+        }
+        match leader::release(&self.leases, &self.leader_cfg).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(%identity, reason = "not the holder", "leader Lease left as it is")
+            }
+            Err(e) => {
+                tracing::warn!(%identity, error = %e, "could not release the leader Lease: the other replica takes over when it expires")
+            }
+        }
+        self.ctx.wait_for_guards().await;
+        if let Some(t) = self.health_task.take() {
+            t.abort();
+        }
+        tracing::info!(%identity, reason = "every held lease was handed over or fenced", "Continuum controller stopped");
     }
 }
 
@@ -185,7 +240,19 @@ pub fn run(args: ContinuumArgs) -> anyhow::Result<()> {
         };
         let agent = ContinuumAgent::start(client, opts).await?;
         tracing::info!(health = %agent.health_addr, region = %args.region, "Continuum controller running");
-        tokio::signal::ctrl_c().await.context("signal")?;
+        // Kubernetes stops a pod with SIGTERM (then SIGKILL after
+        // terminationGracePeriodSeconds); a terminal sends SIGINT.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("SIGTERM handler")?;
+        let signal = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            r = tokio::signal::ctrl_c() => {
+                r.context("SIGINT handler")?;
+                "SIGINT"
+            }
+        };
+        tracing::info!(signal, reason = "graceful shutdown: release leadership, hand held leases over or fence them", "signal received");
+        agent.shutdown().await;
         Ok(())
     })
 }
