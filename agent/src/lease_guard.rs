@@ -118,6 +118,14 @@ pub enum Verdict {
 /// grant can write metadata at its epoch (the witnesses check holder and
 /// epoch), and a runner writes metadata only after its adoption renewed the
 /// grant at a majority, i.e. with its own fence guard armed.
+///
+/// A successor's `seq` exceeds this holder's because `LeaseMeta::next_seq`
+/// takes the highest `seq` its last majority read showed plus one, and the
+/// wall clock in ms, after the leader election gap. The one way a record of
+/// this holder's *predecessor* could pass for a successor's is a write of it
+/// that was still in flight, unseen, when this holder recorded, with a `seq`
+/// above this holder's (clock behind by more than that gap): not expected,
+/// and noted here rather than ruled out (LeaseMeta carries no writer id).
 pub fn successor_verdict(view: &MajorityView, grant: &Grant, own_seq: u64) -> Verdict {
     let Some((holder, epoch)) = view.holder.as_ref() else {
         return Verdict::NoSuccessor("no live holder at a majority");
