@@ -135,6 +135,7 @@ pub struct AgentProc {
 struct Peak {
     last: Option<(Instant, f64)>,
     max_mcores: f64,
+    windows: usize,
 }
 
 /// Window of the peak CPU rate: 100 ms, ten /proc ticks (one tick = 100 m).
@@ -214,6 +215,7 @@ impl AgentProc {
             Some((t, c)) if now - t >= PEAK_WINDOW => {
                 let rate = (cpu - c) / (now - t).as_secs_f64() * 1000.0;
                 self.peak.max_mcores = self.peak.max_mcores.max(rate);
+                self.peak.windows += 1;
                 self.peak.last = Some((now, cpu));
             }
             Some(_) => {}
@@ -227,8 +229,13 @@ impl AgentProc {
         self.sample_peak();
     }
 
-    /// Highest CPU rate over a 100 ms window since [`AgentProc::reset_peak`], millicores.
+    /// Highest CPU rate over a 100 ms window since [`AgentProc::reset_peak`],
+    /// millicores; NaN when the burst was over before one window (a 0 there
+    /// would read as "no CPU").
     pub fn peak_mcores(&self) -> f64 {
+        if self.peak.windows == 0 {
+            return f64::NAN;
+        }
         self.peak.max_mcores
     }
 
