@@ -26,6 +26,13 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams, WatchEvent, 
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{json, Value};
 
+use super::procstat::{cpu_s, rss_kb};
+
+/// Idle window after the corrections (override with `CONTINUUM_BENCH_IDLE_S`).
+fn idle_s() -> u64 {
+    super::procstat::idle_s(60)
+}
+
 /// HelmReleases in the server (override with `CONTINUUM_BENCH_HRS`, e.g. 0 for the agent's baseline RSS).
 fn total() -> usize {
     std::env::var("CONTINUUM_BENCH_HRS")
@@ -45,46 +52,6 @@ fn agent_bin() -> anyhow::Result<PathBuf> {
 
 fn ts(t: Timestamp) -> String {
     t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
-
-fn rss_kb(pid: u32, field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// CPU seconds (user + system) the process has used, from /proc/<pid>/stat.
-fn cpu_s(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
-    let rest = stat.get(stat.rfind(')')? + 1..)?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / clock_ticks())
-}
-
-/// USER_HZ (`getconf CLK_TCK`; 100 on every Linux this runs on).
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// Idle window after the corrections (override with `CONTINUUM_BENCH_IDLE_S`):
-/// /proc counts CPU in 10 ms ticks, so 60 s resolve 0.17 millicores.
-fn idle_s() -> u64 {
-    std::env::var("CONTINUUM_BENCH_IDLE_S")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(60)
 }
 
 /// CPU figures of one run, in CPU seconds and millicores (1000 = one core).

@@ -25,6 +25,12 @@ enum Which {
     Link,
     /// Stuck HelmRelease recovery with 2,000 HelmReleases.
     HrRecovery,
+    /// Continuum controller (`continuum`): idle on both sides and a failover, TTL 5/2 s, 1 and 20 Continuums.
+    Continuum,
+    /// Node pivot DaemonSet (`node-pivot`): idle before the cutover, 20 cutover flips.
+    NodePivot,
+    /// Source watcher (`pivot watch-sources`): idle with 50 Flux sources, their pivot and revert.
+    SourcePivot,
 }
 
 #[tokio::main]
@@ -34,5 +40,8 @@ async fn main() -> anyhow::Result<()> {
         Which::Witness => continuum_tests::bench::witness::run(cli.json).await,
         Which::Link => continuum_tests::bench::link::run(cli.json).await,
         Which::HrRecovery => continuum_tests::bench::hr_recovery::run(cli.json).await,
+        Which::Continuum => continuum_tests::bench::continuum::run(cli.json).await,
+        Which::NodePivot => continuum_tests::bench::node_pivot::run(cli.json).await,
+        Which::SourcePivot => continuum_tests::bench::source_pivot::run(cli.json).await,
     }
 }
