@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod bins;
 pub mod checker;
+pub mod continuum_fixture;
 pub mod drill;
 pub mod etcd_proc;
 pub mod faults;

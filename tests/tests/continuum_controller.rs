@@ -13,7 +13,7 @@ use std::time::Duration;
 use continuum_agent::continuum::controller::ControllerConfig;
 use continuum_agent::continuum::{cnpg, ContinuumAgent, Options};
 use continuum_shared::lease::HolderId;
-use continuum_testapi::{PolicyRule, RequestRecord, ResourceSpec, TestApi};
+use continuum_testapi::{PolicyRule, RequestRecord, TestApi};
 use continuum_tests::pg_proc::PgRegion;
 use continuum_tests::pki::Pki;
 use continuum_tests::rbac_proof;
@@ -22,17 +22,10 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{json, Value};
 
 const NS: &str = "db";
-const GROUP: &str = "dr.openova.io";
+use continuum_tests::continuum_fixture::{self as fixture, continuum_ar, GROUP};
 
 fn role_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/rbac/continuum-controller.yaml")
-}
-
-fn continuum_ar() -> kube::core::ApiResource {
-    kube::core::ApiResource::from_gvk_with_plural(
-        &kube::core::GroupVersionKind::gvk(GROUP, "v1", "Continuum"),
-        "continuums",
-    )
 }
 
 /// One region: its cluster (test API server) and, while alive, its agent
@@ -156,89 +149,23 @@ impl Region {
         })
         .await
         .unwrap();
-        api.register(ResourceSpec::new(
-            GROUP,
-            "v1",
-            "continuums",
-            "Continuum",
-            true,
-            true,
-        ));
-        api.register(ResourceSpec::new(
-            cnpg::GROUP,
-            cnpg::VERSION,
-            cnpg::PLURAL,
-            cnpg::KIND,
-            true,
-            true,
-        ));
+        fixture::register_kinds(&api);
         let admin = api.admin_client().unwrap();
-        let b64 = |s: &str| {
-            use base64::Engine;
-            base64::engine::general_purpose::STANDARD.encode(s)
-        };
-        let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), NS);
-        secrets
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({
-                    "apiVersion": "v1", "kind": "Secret",
-                    "metadata": {"name": "witness-tls", "namespace": NS},
-                    "data": {"ca.crt": b64(&pki.ca_pem), "tls.crt": b64(&pki.client.cert_pem), "tls.key": b64(&pki.client.key_pem)},
-                }))
-                .unwrap(),
-            )
+        fixture::put_witness_tls(&admin, NS, pki).await.unwrap();
+        if !cluster_spec.is_null() {
+            fixture::create_cluster(&admin, NS, &format!("pg-{name}"), cluster_spec)
+                .await
+                .unwrap();
+        }
+        fixture::create_continuum(&admin, NS, "app", spec)
             .await
             .unwrap();
-        if !cluster_spec.is_null() {
-            Region::create_cluster(&admin, name, cluster_spec).await;
-        }
-        let cts: Api<DynamicObject> = Api::namespaced_with(admin, NS, &continuum_ar());
-        cts.create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "apiVersion": "dr.openova.io/v1", "kind": "Continuum",
-                "metadata": {"name": "app", "namespace": NS},
-                "spec": spec,
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
         Region {
             name,
             api,
             agent: None,
             registry: None,
         }
-    }
-
-    /// The region's CNPG Cluster `pg-<name>`, its primary instance `-1`.
-    async fn create_cluster(admin: &kube::Client, name: &str, cluster_spec: Value) {
-        let clusters = cnpg::cluster_api(admin.clone(), NS);
-        let cname = format!("pg-{name}");
-        clusters
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({
-                    "apiVersion": "postgresql.cnpg.io/v1", "kind": "Cluster",
-                    "metadata": {"name": cname, "namespace": NS},
-                    "spec": cluster_spec,
-                }))
-                .unwrap(),
-            )
-            .await
-            .unwrap();
-        clusters
-            .patch_status(
-                &cname,
-                &PatchParams::default(),
-                &Patch::Merge(
-                    &json!({"status": {"currentPrimary": format!("{cname}-1"), "instances": 3}}),
-                ),
-            )
-            .await
-            .unwrap();
     }
 
     /// Starts this region's agent (identity `agent-<region>`) in a fresh runtime.

@@ -21,17 +21,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use continuum_agent::continuum::cnpg;
-use continuum_testapi::{ResourceSpec, TestApi};
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use continuum_testapi::TestApi;
 use serde_json::{json, Value};
 
 use super::manifest::{self, Container};
 use super::procstat::{self, AgentProc, CpuMark, CpuSpan, Mem};
+use crate::continuum_fixture as fixture;
 use crate::pki::Pki;
 use crate::witness_proc::{WitnessOpts, WitnessProc};
 
 const NS: &str = "db";
-const GROUP: &str = "dr.openova.io";
+use crate::continuum_fixture::GROUP;
 
 /// (Continuum ttlSeconds, Continuums per region): 5 s is the CRD's default.
 /// `CONTINUUM_BENCH_CONTINUUMS` (e.g. `1,20`) sets the counts.
@@ -157,13 +157,6 @@ fn role_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/rbac/continuum-controller.yaml")
 }
 
-fn continuum_ar() -> kube::core::ApiResource {
-    kube::core::ApiResource::from_gvk_with_plural(
-        &kube::core::GroupVersionKind::gvk(GROUP, "v1", "Continuum"),
-        "continuums",
-    )
-}
-
 /// One region's cluster: `n` Continuums `app-<i>`, each over CNPG Clusters
 /// `pg-a-<i>` (primary) and `pg-b-<i>` (its replica cluster).
 async fn region(
@@ -175,74 +168,29 @@ async fn region(
     ttl: u32,
 ) -> anyhow::Result<TestApi> {
     let api = TestApi::start_with_role(&role_path()).await?;
-    api.register(ResourceSpec::new(
-        GROUP,
-        "v1",
-        "continuums",
-        "Continuum",
-        true,
-        true,
-    ));
-    api.register(ResourceSpec::new(
-        cnpg::GROUP,
-        cnpg::VERSION,
-        cnpg::PLURAL,
-        cnpg::KIND,
-        true,
-        true,
-    ));
+    fixture::register_kinds(&api);
     let admin = api.admin_client()?;
-    let b64 = |s: &str| {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.encode(s)
-    };
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), NS);
-    secrets
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": "witness-tls", "namespace": NS},
-                "data": {"ca.crt": b64(&pki.ca_pem), "tls.crt": b64(&pki.client.cert_pem), "tls.key": b64(&pki.client.key_pem)},
-            }))?,
-        )
-        .await?;
-    let clusters = cnpg::cluster_api(admin.clone(), NS);
-    let cts: Api<DynamicObject> = Api::namespaced_with(admin, NS, &continuum_ar());
+    fixture::put_witness_tls(&admin, NS, pki).await?;
     let urls: Vec<String> = witnesses.iter().map(|w| w.api_url()).collect();
     for i in 0..n {
         let (own, other) = (format!("pg-{name}-{i}"), format!("pg-{peer}-{i}"));
-        clusters
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({
-                    "apiVersion": "postgresql.cnpg.io/v1", "kind": "Cluster",
-                    "metadata": {"name": own, "namespace": NS},
-                    "spec": {"instances": 3, "replica": {"self": own, "primary": format!("pg-a-{i}"), "source": other},
-                             "postgresql": sync_on(&other)},
-                }))?,
-            )
-            .await?;
-        clusters
-            .patch_status(
-                &own,
-                &PatchParams::default(),
-                &Patch::Merge(
-                    &json!({"status": {"currentPrimary": format!("{own}-1"), "instances": 3}}),
-                ),
-            )
-            .await?;
-        cts.create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "apiVersion": "dr.openova.io/v1", "kind": "Continuum",
-                "metadata": {"name": format!("app-{i}"), "namespace": NS},
-                "spec": {
-                    "regions": [{"name": "a", "cnpg": {"name": format!("pg-a-{i}")}}, {"name": "b", "cnpg": {"name": format!("pg-b-{i}")}}],
-                    "witnesses": {"urls": urls, "tlsSecretRef": {"name": "witness-tls"}},
-                    "ttlSeconds": ttl, "mode": "automatic", "syncPolicy": "preferred",
-                },
-            }))?,
+        fixture::create_cluster(
+            &admin,
+            NS,
+            &own,
+            json!({"instances": 3, "replica": {"self": own, "primary": format!("pg-a-{i}"), "source": other},
+                   "postgresql": sync_on(&other)}),
+        )
+        .await?;
+        fixture::create_continuum(
+            &admin,
+            NS,
+            &format!("app-{i}"),
+            &json!({
+                "regions": [{"name": "a", "cnpg": {"name": format!("pg-a-{i}")}}, {"name": "b", "cnpg": {"name": format!("pg-b-{i}")}}],
+                "witnesses": {"urls": urls, "tlsSecretRef": {"name": "witness-tls"}},
+                "ttlSeconds": ttl, "mode": "automatic", "syncPolicy": "preferred",
+            }),
         )
         .await?;
     }
