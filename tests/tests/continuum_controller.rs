@@ -1168,6 +1168,10 @@ async fn standby_is_recorded_only_once_the_running_primary_requires_it() {
     .await;
     a.put_connection_secret("pg-a-conn", &pg_a.conninfo()).await;
     b.put_connection_secret("pg-b-conn", &pg_b.conninfo()).await;
+    a.put_connection_secret("pg-a-follow", &pg_b.conninfo())
+        .await;
+    b.put_connection_secret("pg-b-follow", &pg_a.conninfo())
+        .await;
     a.start_agent().await;
     b.start_agent().await;
 
@@ -1338,9 +1342,16 @@ async fn pg_setup() -> PgSetup {
     let witnesses: Vec<WitnessProc> = (0..3)
         .map(|_| WitnessProc::start(WitnessOpts::default().with_pki(pki.clone())).unwrap())
         .collect();
-    let conn = |n: &str| json!({"connectionSecretRef": {"name": n, "key": "uri"}});
+    // primaryConninfoSecretRef: how each server streams from the other once
+    // a switchover makes it the standby.
+    let conn = |n: &str| {
+        json!({
+            "connectionSecretRef": {"name": format!("pg-{n}-conn"), "key": "uri"},
+            "primaryConninfoSecretRef": {"name": format!("pg-{n}-follow"), "key": "uri"},
+        })
+    };
     let spec = json!({
-        "regions": [{"name": "a", "postgres": conn("pg-a-conn")}, {"name": "b", "postgres": conn("pg-b-conn")}],
+        "regions": [{"name": "a", "postgres": conn("a")}, {"name": "b", "postgres": conn("b")}],
         "witnesses": {"urls": witnesses.iter().map(|w| w.api_url()).collect::<Vec<_>>(), "tlsSecretRef": {"name": "witness-tls"}},
         "ttlSeconds": 1,
         "mode": "automatic",
@@ -1350,6 +1361,10 @@ async fn pg_setup() -> PgSetup {
     let mut b = Region::new("b", &pki, Value::Null, &spec).await;
     a.put_connection_secret("pg-a-conn", &pg_a.conninfo()).await;
     b.put_connection_secret("pg-b-conn", &pg_b.conninfo()).await;
+    a.put_connection_secret("pg-a-follow", &pg_b.conninfo())
+        .await;
+    b.put_connection_secret("pg-b-follow", &pg_a.conninfo())
+        .await;
     a.start_agent().await;
     b.start_agent().await;
     wait_for(
@@ -1531,6 +1546,217 @@ async fn postgres_regions_fail_over_without_loss_and_the_old_primary_stays_fence
         events.iter().any(|e| e["reason"] == "Fenced"),
         "a Fenced Event on a: {events:?}"
     );
+    a.assert_no_forbidden();
+    b.assert_no_forbidden();
+    a.kill_agent();
+    b.kill_agent();
+}
+
+/// Polls the async `cond` until it holds.
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + limit;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Plays the server's supervisor (kubelet, systemd): waits until the agent
+/// has stopped `pg`, checks that it shut down cleanly, and starts it again.
+async fn restart_once_stopped(pg: &mut PgRegion, limit: Duration) {
+    let end = tokio::time::Instant::now() + limit;
+    while pg.is_running() {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{}'s server was never stopped; log:\n{}",
+            pg.name(),
+            pg.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = pg.log_tail();
+    assert!(
+        log.contains("received fast shutdown request")
+            && log.contains("database system is shut down"),
+        "{} did not shut down fast and cleanly:\n{log}",
+        pg.name()
+    );
+    pg.start().unwrap();
+}
+
+/// The streaming standby `app` of `pg`, if any.
+async fn streams_to(pg: &PgRegion, app: &str) -> bool {
+    let Ok(c) = pg.connect().await else {
+        return false;
+    };
+    c.query_opt(
+        "SELECT 1 FROM pg_stat_replication WHERE application_name = $1 AND state = 'streaming'",
+        &[&app],
+    )
+    .await
+    .ok()
+    .flatten()
+    .is_some()
+}
+
+/// One leg of a planned switchover of `postgres` regions, from `old` to
+/// `new`, requested through `old`'s copy of the Continuum with the same
+/// call `continuum-agent switchover --continuum` makes. The old server is
+/// fenced, stopped (fast) and, restarted by its supervisor, streams from the
+/// new primary without a rebuild; the new one promotes at the next epoch.
+async fn switch_over(
+    (old, pg_old): (&Region, &mut PgRegion),
+    (new, pg_new): (&Region, &PgRegion),
+    epoch: u64,
+) {
+    use continuum_agent::continuum::switchover;
+    let admin = old.api.admin_client().unwrap();
+    assert_eq!(
+        switchover::request(&admin, NS, "app", new.name)
+            .await
+            .unwrap(),
+        switchover::Requested::Annotated
+    );
+    restart_once_stopped(pg_old, Duration::from_secs(20)).await;
+    let in_recovery: bool = scalar(pg_old, "SELECT pg_is_in_recovery()", &[]).await;
+    assert!(in_recovery, "{} came back as a standby", old.name);
+    let done = switchover::wait_done(&admin, NS, "app", new.name, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(
+        done.requested_at.is_some() && done.demoted_at.is_some() && done.released_at.is_some(),
+        "{done:?}"
+    );
+    assert_eq!(done.epoch, Some(epoch - 1));
+    wait_for(
+        &format!("{} reports the switchover at epoch {epoch}", new.name),
+        Duration::from_secs(20),
+        || {
+            let s = new.status();
+            s["phase"] == "Primary"
+                && s["epoch"] == epoch
+                && s["lastSwitchover"]["fromRegion"] == old.name
+                && s["lastSwitchover"]["toRegion"] == new.name
+                && s["lastSwitchover"]["epoch"] == epoch
+        },
+    )
+    .await;
+    // No rebuild: the old server streams from the new primary, which
+    // requires it again and records it at the witnesses.
+    eventually(
+        &format!("{} streams from {}", old.name, new.name),
+        Duration::from_secs(20),
+        || streams_to(pg_new, old.name),
+    )
+    .await;
+    wait_for(
+        &format!("{} records {} as synchronous", new.name, old.name),
+        Duration::from_secs(20),
+        || new.status()["synchronousStandby"] == old.name,
+    )
+    .await;
+    wait_for(
+        &format!("{} reports Standby", old.name),
+        Duration::from_secs(10),
+        || old.status()["phase"] == "Standby",
+    )
+    .await;
+    assert_eq!(db_epoch(pg_new).await, Some(epoch as i64));
+    assert!(
+        old.api.object(GROUP, "continuums", NS, "app").unwrap()["metadata"]["annotations"]
+            [cnpg::ANNOTATION_SWITCHOVER_TO]
+            .is_null(),
+        "the request annotation is removed"
+    );
+}
+
+/// Planned switchover a -> b and failback b -> a of `postgres` regions,
+/// through the resource, under a continuous writer: nothing acknowledged
+/// is lost, the two regions never acknowledge at the same time, the epoch
+/// goes 1 -> 2 -> 3, and neither old primary is rebuilt: each, stopped by
+/// its agent and restarted by its supervisor, streams from the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_switchover_and_failback_through_the_resource_rebuild_nothing() {
+    let PgSetup {
+        mut pg_a,
+        mut pg_b,
+        mut a,
+        mut b,
+        witnesses: _witnesses,
+    } = pg_setup().await;
+    let (stop, writer) = start_writer(&pg_a, &pg_b);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    switch_over((&a, &mut pg_a), (&b, &pg_b), 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    switch_over((&b, &mut pg_b), (&a, &pg_a), 3).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let log = writer.await.unwrap();
+
+    // The writer moved a -> b -> a, never back and forth: one region
+    // acknowledged at a time.
+    let mut runs: Vec<usize> = log.acks.iter().map(|k| k.region).collect();
+    runs.dedup();
+    assert_eq!(runs, vec![0, 1, 0], "acknowledging regions in order");
+    let ids: Vec<i64> = log.acks.iter().map(|k| k.id).collect();
+    for pg in [&pg_a, &pg_b] {
+        eventually(
+            &format!("every acknowledged commit on {}", pg.name()),
+            Duration::from_secs(10),
+            || async {
+                let present: i64 = scalar(
+                    pg,
+                    "SELECT count(*) FROM drill_writes WHERE id = ANY($1)",
+                    &[&ids],
+                )
+                .await;
+                present as usize == ids.len()
+            },
+        )
+        .await;
+    }
+    for (r, action, n) in [
+        (&a, "record_final_lsn", 1),
+        (&a, "stop_for_handover", 1),
+        (&a, "release", 1),
+        (&a, "promote", 1),
+        (&b, "record_final_lsn", 1),
+        (&b, "stop_for_handover", 1),
+        (&b, "release", 1),
+        (&b, "promote", 1),
+    ] {
+        assert_eq!(
+            r.metric(
+                "continuum_cnpg_failover_actions_total",
+                &[("action", action), ("result", "ok")]
+            ),
+            n,
+            "{} {action}",
+            r.name
+        );
+    }
+    for r in [&a, &b] {
+        let events = r.api.objects("events.k8s.io", "events");
+        for reason in [
+            "FinalPositionRecorded",
+            "StoppedForHandover",
+            "LeaseReleased",
+            "Promoted",
+        ] {
+            assert!(
+                events.iter().any(|e| e["reason"] == reason),
+                "a {reason} Event on {}: {events:?}",
+                r.name
+            );
+        }
+    }
     a.assert_no_forbidden();
     b.assert_no_forbidden();
     a.kill_agent();

@@ -54,7 +54,7 @@ use super::crd::{
     Condition, Continuum, ContinuumStatus, DatabaseRef, FailoverMode, LastFailover, LastSwitchover,
     SpecError, SyncPolicySpec,
 };
-use super::database::{Database, DbError, Postgres};
+use super::database::{self, Database, DbError, PgHandoverStep, PgHandoverView, Postgres};
 use super::dbfacts;
 
 /// Controller settings that are not per resource.
@@ -237,6 +237,13 @@ struct Runner {
     /// lease back if nobody took it (in memory: a restarted agent waits for
     /// an operator instead).
     released_for_handover: Option<std::time::Instant>,
+    /// Old primary of a `postgres` handover: since when its server has not
+    /// answered (after a stop, the proof it went away; see
+    /// [`database::pg_handover_step`]).
+    handover_silent_since: Option<std::time::Instant>,
+    /// Successor: it took the lease through a planned handover (its
+    /// promotion is a switchover, not a failover).
+    via_handover: bool,
     /// This runner has held the lease (then it never adopts).
     held_once: bool,
     /// When this runner last tried to adopt a grant a previous leader or
@@ -401,23 +408,41 @@ async fn connection_secret(
     Ok((s.metadata.resource_version.unwrap_or_default(), conn))
 }
 
-/// The witness TLS material and the optional database connection string,
-/// with one version string covering both Secrets.
+async fn optional_connection_secret(
+    ctx: &Ctx,
+    ns: &str,
+    r: Option<&super::crd::SecretKeyRef>,
+) -> Result<(String, Option<String>), Error> {
+    match r {
+        Some(r) => connection_secret(ctx, ns, r)
+            .await
+            .map(|(v, c)| (v, Some(c))),
+        None => Ok((String::new(), None)),
+    }
+}
+
+/// The connection strings a region's spec names: to its database, and
+/// (`postgres`, optional) the `primary_conninfo` to follow the peer with.
+#[derive(Default)]
+struct Conninfos {
+    db: Option<String>,
+    follow: Option<String>,
+}
+
+/// The witness TLS material and the optional connection strings, with one
+/// version string covering every Secret read.
 async fn secrets_for(
     ctx: &Ctx,
     ns: &str,
     cr: &Continuum,
     conn_ref: Option<&super::crd::SecretKeyRef>,
-) -> Result<(String, TlsMaterial, Option<String>), Error> {
+    follow_ref: Option<&super::crd::SecretKeyRef>,
+) -> Result<(String, TlsMaterial, Conninfos), Error> {
     let (tls_rv, tls) = tls_secret(ctx, ns, cr).await?;
-    let (conn_rv, conn) = match conn_ref {
-        Some(r) => {
-            let (rv, c) = connection_secret(ctx, ns, r).await?;
-            (rv, Some(c))
-        }
-        None => (String::new(), None),
-    };
-    Ok((format!("{tls_rv}|{conn_rv}"), tls, conn))
+    let (conn_rv, db) = optional_connection_secret(ctx, ns, conn_ref).await?;
+    let (follow_rv, follow) = optional_connection_secret(ctx, ns, follow_ref).await?;
+    let rv = format!("{tls_rv}|{conn_rv}|{follow_rv}");
+    Ok((rv, tls, Conninfos { db, follow }))
 }
 
 /// Builds the quorum client for the spec's witnesses.
@@ -464,9 +489,12 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
         local_cluster: sides.local.application_name().to_string(),
         peer_cluster: sides.peer.application_name().to_string(),
     };
-    let conn_ref = match sides.local_db {
-        DatabaseRef::Cnpg(c) => c.connection_secret_ref.as_ref(),
-        DatabaseRef::Postgres(p) => Some(&p.connection_secret_ref),
+    let (conn_ref, follow_ref) = match sides.local_db {
+        DatabaseRef::Cnpg(c) => (c.connection_secret_ref.as_ref(), None),
+        DatabaseRef::Postgres(p) => (
+            Some(&p.connection_secret_ref),
+            p.primary_conninfo_secret_ref.as_ref(),
+        ),
     };
     let ttl = Duration::from_secs(u64::from(cr.spec.ttl_seconds.max(1)));
     let spec_fp = format!(
@@ -486,14 +514,15 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
             return Ok(r.clone());
         }
         if same_spec {
-            let (rv, _, _) = secrets_for(ctx, &ns, cr, conn_ref).await?;
+            let (rv, _, _) = secrets_for(ctx, &ns, cr, conn_ref, follow_ref).await?;
             if rv == guard.secret_rv {
                 guard.secret_checked = Instant::now();
                 return Ok(r.clone());
             }
         }
     }
-    let (secret_rv, tls, db_conn) = secrets_for(ctx, &ns, cr, conn_ref).await?;
+    let (secret_rv, tls, conns) = secrets_for(ctx, &ns, cr, conn_ref, follow_ref).await?;
+    let db_conn = conns.db;
     let quorum = quorum_client(ctx, cr, &tls, ttl)?;
     let lease = LeaseName::new(format!("continuum/{ns}/{name}"))
         .map_err(|e| SpecError::LeaseName(e.to_string()))?;
@@ -503,7 +532,11 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
             name: c.name.clone(),
         })),
         (DatabaseRef::Postgres(_), Some(conn)) => {
-            Database::Postgres(Postgres::new(conn.clone(), ttl))
+            let pg = Postgres::new(conn.clone(), ttl);
+            Database::Postgres(match &conns.follow {
+                Some(f) => pg.with_follow(f, &names.local_cluster),
+                None => pg,
+            })
         }
         (DatabaseRef::Postgres(p), None) => {
             return Err(Error::Connection(
@@ -553,6 +586,8 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
         switchover_t0: None,
         promotion_token: None,
         released_for_handover: None,
+        handover_silent_since: None,
+        via_handover: false,
         held_once: false,
         adopt_tried_at: None,
         last_reason: String::new(),
@@ -641,11 +676,52 @@ async fn fence_guard(
 /// What one tick saw.
 struct Seen {
     db: Option<DbState>,
+    /// `postgres`: the server refused the connection (its postmaster is gone).
+    server_gone: bool,
     /// The running database, when a connection is configured and answered.
     facts: Option<dbfacts::DbFacts>,
     cluster: Option<DynamicObject>,
     view: Option<MajorityView>,
     held: Option<Held>,
+}
+
+/// One step of the old primary's part of a planned switchover, by back-end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HandoverStep {
+    Cnpg(cnpg::HandoverStep),
+    Pg(PgHandoverStep),
+}
+
+impl HandoverStep {
+    /// `None` for a wait (with its reason); otherwise the metric label and
+    /// Event reason of the step.
+    fn label(&self) -> Result<(&'static str, &'static str), &'static str> {
+        match self {
+            HandoverStep::Cnpg(cnpg::HandoverStep::Wait(r))
+            | HandoverStep::Pg(PgHandoverStep::Wait(r)) => Err(r),
+            HandoverStep::Cnpg(cnpg::HandoverStep::Demote) => Ok(("demote", "Demoting")),
+            HandoverStep::Cnpg(cnpg::HandoverStep::RecordToken(_)) => {
+                Ok(("record_token", "DemotionTokenRecorded"))
+            }
+            HandoverStep::Pg(PgHandoverStep::Fence) => Ok(("fence", "Fenced")),
+            HandoverStep::Pg(PgHandoverStep::RecordFinal) => {
+                Ok(("record_final_lsn", "FinalPositionRecorded"))
+            }
+            HandoverStep::Pg(PgHandoverStep::Stop) => {
+                Ok(("stop_for_handover", "StoppedForHandover"))
+            }
+            HandoverStep::Cnpg(cnpg::HandoverStep::Release)
+            | HandoverStep::Pg(PgHandoverStep::Release) => Ok(("release", "LeaseReleased")),
+        }
+    }
+
+    fn is_release(&self) -> bool {
+        matches!(
+            self,
+            HandoverStep::Cnpg(cnpg::HandoverStep::Release)
+                | HandoverStep::Pg(PgHandoverStep::Release)
+        )
+    }
 }
 
 impl Runner {
@@ -664,6 +740,7 @@ impl Runner {
             epoch: g.epoch,
             deadline: g.deadline.into_std(),
         });
+        let mut server_gone = false;
         let (db, facts, cluster) = match self.db.clone() {
             Database::Cnpg(handle) => self.observe_cnpg(&handle).await,
             Database::Postgres(pg) => match pg.observe(&self.names).await {
@@ -672,7 +749,8 @@ impl Runner {
                     (Some(d), Some(f), None)
                 }
                 Err(e) => {
-                    tracing::debug!(continuum = %self.key, error = %e, "database not answering");
+                    server_gone = matches!(&e, DbError::Pg(p) if p.is_refused());
+                    tracing::debug!(continuum = %self.key, error = %e, server_gone, "database not answering");
                     (None, None, None)
                 }
             },
@@ -690,6 +768,7 @@ impl Runner {
         }
         Seen {
             db,
+            server_gone,
             facts,
             cluster,
             view,
@@ -759,25 +838,78 @@ impl Runner {
     /// The old primary's switchover step while it holds the lease with a
     /// handover intent it recorded in this epoch; `None` otherwise (then
     /// [`Runner::decide`] decides).
-    fn handover_step(&self, seen: &Seen) -> Option<cnpg::HandoverStep> {
+    fn handover_step(&mut self, seen: &Seen) -> Option<HandoverStep> {
         let intent = self.recorded.as_ref()?.handover.as_ref()?;
         let now = std::time::Instant::now();
         seen.held.filter(|h| now < h.deadline)?;
-        let Some(obj) = seen.cluster.as_ref() else {
-            return Some(cnpg::HandoverStep::Wait("handover: Cluster not readable"));
+        match &self.db {
+            Database::Cnpg(_) => {
+                let Some(obj) = seen.cluster.as_ref() else {
+                    return Some(HandoverStep::Cnpg(cnpg::HandoverStep::Wait(
+                        "handover: Cluster not readable",
+                    )));
+                };
+                Some(HandoverStep::Cnpg(cnpg::handover_step(
+                    intent.promotion_token.is_some(),
+                    obj,
+                )))
+            }
+            Database::Postgres(_) => {
+                let final_recorded = intent.final_lsn.is_some();
+                let silent_since = match seen.db {
+                    Some(_) => None,
+                    None => Some(*self.handover_silent_since.get_or_insert(now)),
+                };
+                self.handover_silent_since = silent_since;
+                let bound = (self.ttl * HANDOVER_TIMEOUT_TTLS).max(Duration::from_secs(10));
+                Some(HandoverStep::Pg(database::pg_handover_step(
+                    PgHandoverView {
+                        final_recorded,
+                        db: seen.db.as_ref(),
+                        server_gone: seen.server_gone,
+                        stop_overdue: silent_since.is_some_and(|t| now.duration_since(t) > bound),
+                    },
+                )))
+            }
+        }
+    }
+
+    /// Records `edit`ed handover intent at the witnesses, under the grant.
+    async fn record_intent(
+        &mut self,
+        edit: impl FnOnce(&mut continuum_shared::lease::Handover),
+    ) -> Result<(), (&'static str, String)> {
+        let grant = self.grant.borrow().clone();
+        let (Some(grant), Some(rec)) = (grant, self.recorded.clone()) else {
+            return Err((
+                "not_holding",
+                "no grant to record the handover under".into(),
+            ));
         };
-        Some(cnpg::handover_step(intent.promotion_token.is_some(), obj))
+        let mut meta = rec;
+        meta.seq = self.next_meta_seq(None);
+        if let Some(h) = meta.handover.as_mut() {
+            edit(h);
+        }
+        self.quorum
+            .update_meta(&grant, &meta)
+            .await
+            .map_err(|e| (e.label(), e.to_string()))?;
+        self.recorded = Some(meta);
+        Ok(())
     }
 
     /// Applies one switchover step; `Ok` carries a detail for the Event.
     async fn apply_handover(
         &mut self,
-        step: &cnpg::HandoverStep,
+        step: &HandoverStep,
     ) -> Result<String, (&'static str, String)> {
         let cnpg_err = |e: cnpg::CnpgError| (e.label(), e.to_string());
+        let db_err = |e: DbError| (e.label(), e.to_string());
         match step {
-            cnpg::HandoverStep::Wait(reason) => Ok((*reason).to_string()),
-            cnpg::HandoverStep::Demote => {
+            HandoverStep::Cnpg(cnpg::HandoverStep::Wait(reason))
+            | HandoverStep::Pg(PgHandoverStep::Wait(reason)) => Ok((*reason).to_string()),
+            HandoverStep::Cnpg(cnpg::HandoverStep::Demote) => {
                 let Database::Cnpg(cluster) = &self.db else {
                     return Err((
                         "unsupported",
@@ -793,27 +925,47 @@ impl Runner {
                     self.names.peer_cluster
                 ))
             }
-            cnpg::HandoverStep::RecordToken(token) => {
-                let grant = self.grant.borrow().clone();
-                let (Some(grant), Some(rec)) = (grant, self.recorded.clone()) else {
-                    return Err(("not_holding", "no grant to record the token under".into()));
-                };
-                let mut meta = rec;
-                meta.seq = self.next_meta_seq(None);
-                if let Some(h) = meta.handover.as_mut() {
-                    h.promotion_token = Some(token.clone());
-                }
-                self.quorum
-                    .update_meta(&grant, &meta)
-                    .await
-                    .map_err(|e| (e.label(), e.to_string()))?;
-                self.recorded = Some(meta);
+            HandoverStep::Cnpg(cnpg::HandoverStep::RecordToken(token)) => {
+                let token = token.clone();
+                self.record_intent(|h| h.promotion_token = Some(token))
+                    .await?;
                 if let Some(ls) = self.last_switchover.as_mut() {
                     ls.demoted_at = Some(rfc3339(Timestamp::now()));
                 }
                 Ok("switchover: CNPG's demotion token recorded at the witnesses".into())
             }
-            cnpg::HandoverStep::Release => {
+            HandoverStep::Pg(PgHandoverStep::Fence) => {
+                let detail = self.db.fence().await.map_err(db_err)?;
+                Ok(format!(
+                    "switchover: stop acknowledging writes before stopping; {detail}"
+                ))
+            }
+            HandoverStep::Pg(PgHandoverStep::RecordFinal) => {
+                let Database::Postgres(pg) = &self.db else {
+                    return Err(("unsupported", "needs a postgres region".into()));
+                };
+                let lsn = pg.final_position().await.map_err(db_err)?;
+                self.record_intent(|h| h.final_lsn = Some(lsn)).await?;
+                Ok(format!(
+                    "switchover: the fenced server's WAL end {} recorded at the witnesses as the final position",
+                    lsn_text(lsn)
+                ))
+            }
+            HandoverStep::Pg(PgHandoverStep::Stop) => {
+                let Database::Postgres(pg) = &self.db else {
+                    return Err(("unsupported", "needs a postgres region".into()));
+                };
+                let r = pg.stop_to_follow().await.map_err(db_err)?;
+                if let Some(ls) = self.last_switchover.as_mut() {
+                    ls.demoted_at = Some(rfc3339(Timestamp::now()));
+                }
+                Ok(format!(
+                    "switchover: standby.signal and primary_conninfo written, fast shutdown of postmaster {} requested in {:?}; its supervisor restarts it as the peer's standby",
+                    r.postmaster_pid, r.took
+                ))
+            }
+            HandoverStep::Cnpg(cnpg::HandoverStep::Release)
+            | HandoverStep::Pg(PgHandoverStep::Release) => {
                 let grant = self.grant.borrow().clone();
                 let Some(grant) = grant else {
                     return Err(("not_holding", "no grant to release".into()));
@@ -826,6 +978,7 @@ impl Runner {
                 let released = self.quorum.release(&grant).await;
                 self.recorded = None;
                 self.recorded_at = None;
+                self.handover_silent_since = None;
                 self.released_for_handover = Some(std::time::Instant::now());
                 if let Some(ls) = self.last_switchover.as_mut() {
                     ls.released_at = Some(rfc3339(Timestamp::now()));
@@ -919,13 +1072,14 @@ impl Runner {
         self.held_once = true;
         if seen.db.as_ref().is_some_and(|d| !d.primary) {
             self.acquired_at = Some((Timestamp::now(), Instant::now()));
-            // Taken through a planned handover: promote with its token.
-            self.promotion_token = seen
+            let intent = seen
                 .view
                 .as_ref()
                 .and_then(failover::live_intent)
-                .filter(|h| h.to == self.names.region)
-                .and_then(|h| h.promotion_token.clone());
+                .filter(|h| h.to == self.names.region);
+            self.via_handover = intent.is_some();
+            // Taken through a planned handover: promote with its token (CNPG).
+            self.promotion_token = intent.and_then(|h| h.promotion_token.clone());
         }
         self.grant.send_replace(Some(g.clone()));
         if let Some(old) = self.renewer.take() {
@@ -990,6 +1144,27 @@ impl Runner {
                 let (how, replay) = match self.db.clone() {
                     Database::Postgres(pg) => {
                         let r = pg.promote().await.map_err(db_err)?;
+                        if std::mem::take(&mut self.via_handover) {
+                            // Planned switchover: the old primary stopped
+                            // cleanly and follows this server.
+                            let (started, t0) =
+                                self.acquired_at.take().unwrap_or((now, Instant::now()));
+                            self.last_switchover = Some(LastSwitchover {
+                                from_region: Some(self.names.peer.as_str().to_string()),
+                                to_region: Some(self.names.region.as_str().to_string()),
+                                started_at: Some(rfc3339(started)),
+                                completed_at: Some(rfc3339(Timestamp::now())),
+                                duration_ms: Some(t0.elapsed().as_millis() as u64),
+                                epoch: Some(epoch.0),
+                                ..LastSwitchover::default()
+                            });
+                            return Ok(format!(
+                                "switchover: pg_promote after replaying past the old primary's final position (waited {:?}, promotion {:?}) at epoch {epoch}; lsn_at_promotion={:?}",
+                                r.catch_up_wait,
+                                r.promote,
+                                r.lsn_at_promotion.map(|l| lsn_text(l.0))
+                            ));
+                        }
                         (
                             format!(
                                 "pg_promote after replay caught up with received WAL (waited {:?}, promotion {:?})",
@@ -1002,6 +1177,7 @@ impl Runner {
                         let Some(obj) = seen.cluster.as_ref() else {
                             return Err(("cluster_not_found", "no Cluster observed".into()));
                         };
+                        self.via_handover = false;
                         if let Some(token) = self.promotion_token.take() {
                             // Planned switchover: promote with the old primary's
                             // demotion token; it stays attached as a replica.
@@ -1351,21 +1527,24 @@ pub async fn reconcile_once(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
         }
         steps += 1;
         if let Some(step) = r.handover_step(&seen) {
-            let (label, reason) = match &step {
-                cnpg::HandoverStep::Wait(reason) => {
+            let (label, reason) = match step.label() {
+                Ok(l) => l,
+                Err(reason) => {
+                    if r.last_reason != reason {
+                        tracing::info!(continuum = %key, action = "wait", reason, "waiting");
+                        r.last_reason = reason.to_string();
+                    }
                     decision = ("wait".into(), reason.to_string());
                     break;
                 }
-                cnpg::HandoverStep::Demote => ("demote", "Demoting"),
-                cnpg::HandoverStep::RecordToken(_) => ("record_token", "DemotionTokenRecorded"),
-                cnpg::HandoverStep::Release => ("release", "LeaseReleased"),
             };
+            r.last_reason.clear();
             match r.apply_handover(&step).await {
                 Ok(detail) => {
                     ctx.metrics.actions.with_label_values(&[label, "ok"]).inc();
                     tracing::info!(continuum = %key, action = label, detail = %detail, "switchover step applied");
-                    publish(ctx, &oref, false, reason, detail).await;
-                    if step == cnpg::HandoverStep::Release {
+                    publish(ctx, &oref, label == "fence", reason, detail).await;
+                    if step.is_release() {
                         clear_switchover_request(cr, ctx).await;
                     }
                 }
@@ -1394,7 +1573,7 @@ pub async fn reconcile_once(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
             seen = r.observe().await;
             continue;
         }
-        let request = switchover_request(cr, &r.names, seen.cluster.as_ref());
+        let request = switchover_request(cr, &r.names, &r.db, seen.cluster.as_ref());
         let action = r.decide_with(&seen, cr.spec.mode, cr.spec.sync_policy, request.as_ref());
         let action = r.awaiting_cnpg(&seen, action);
         let label = action.label();
@@ -1626,15 +1805,22 @@ async fn finalize(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
 }
 
 /// The region named by the switchover annotation, when it is the peer and
-/// the Cluster is in CNPG's distributed topology.
+/// this region can hand over without a rebuild: a Cluster in CNPG's
+/// distributed topology, or a `postgres` server that knows how to follow
+/// the peer (`primaryConninfoSecretRef`).
 fn switchover_request(
     cr: &Continuum,
     names: &Names,
+    db: &Database,
     cluster: Option<&DynamicObject>,
 ) -> Option<HolderId> {
     let to = cr.annotations().get(cnpg::ANNOTATION_SWITCHOVER_TO)?;
     let to = HolderId::new(to.as_str()).ok()?;
-    (to == names.peer && cluster.is_some_and(cnpg::is_distributed)).then_some(to)
+    let able = match db {
+        Database::Cnpg(_) => cluster.is_some_and(cnpg::is_distributed),
+        Database::Postgres(p) => p.can_follow(),
+    };
+    (to == names.peer && able).then_some(to)
 }
 
 /// The old primary's part is done: remove the request annotation.

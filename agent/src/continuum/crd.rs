@@ -106,6 +106,17 @@ pub struct PostgresRef {
     /// `key=value` form) as a superuser: fencing terminates sessions and
     /// changes settings with `ALTER SYSTEM`.
     pub connection_secret_ref: SecretKeyRef,
+    /// Optional, enables planned switchover (`continuum-agent switchover
+    /// --continuum`): a Secret key holding the libpq connection string this
+    /// region's server streams from the *other* region's server with (a role
+    /// with `REPLICATION`). On a handover away from this region the agent
+    /// sets it as `primary_conninfo` (adding `application_name` = this
+    /// region), writes `standby.signal` and shuts the fenced server down
+    /// (fast, with `COPY ... TO PROGRAM 'kill -INT <postmaster>'`: needs a
+    /// superuser connection); whatever supervises the server (kubelet,
+    /// systemd) starts it again as the new primary's standby, with no rebuild.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_conninfo_secret_ref: Option<SecretKeyRef>,
 }
 
 /// One key of a Secret in the Continuum's namespace.
@@ -402,6 +413,7 @@ mod tests {
                             name: format!("pg-{n}"),
                             key: "uri".into(),
                         },
+                        primary_conninfo_secret_ref: None,
                     }),
                 })
                 .collect(),

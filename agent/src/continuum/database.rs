@@ -38,6 +38,10 @@ pub enum Database {
 #[derive(Clone)]
 pub struct Postgres {
     conninfo: String,
+    /// `primary_conninfo` (with this region's `application_name`) the server
+    /// gets when a planned handover turns it into the peer's standby; `None`:
+    /// no switchover for this region.
+    follow_conninfo: Option<String>,
     /// Bound of one observation (several per TTL).
     observe_bound: Duration,
     /// Bound of one action (fence, promote, settings).
@@ -88,6 +92,7 @@ impl Postgres {
     pub fn new(conninfo: String, ttl: Duration) -> Self {
         Self {
             conninfo,
+            follow_conninfo: None,
             observe_bound: (ttl / 2).clamp(Duration::from_millis(200), Duration::from_secs(2)),
             action_bound: ttl.max(Duration::from_secs(2)),
         }
@@ -108,6 +113,43 @@ impl Postgres {
                 dbfacts::with_facts(state, Some(&facts), Some(&applied)),
                 facts,
             ))
+        })
+        .await
+    }
+
+    /// Enables planned handovers: `conninfo` is how this server streams
+    /// from the peer, `application_name` what the peer requires it as.
+    pub fn with_follow(mut self, conninfo: &str, application_name: &str) -> Self {
+        self.follow_conninfo = Some(continuum_shared::pg::decide::with_application_name(
+            conninfo,
+            application_name,
+        ));
+        self
+    }
+
+    /// Whether a planned handover can turn this server into the peer's
+    /// standby (`primaryConninfoSecretRef` is set).
+    pub fn can_follow(&self) -> bool {
+        self.follow_conninfo.is_some()
+    }
+
+    /// Handover: the fenced server's WAL end, the successor's final position.
+    pub async fn final_position(&self) -> Result<u64, DbError> {
+        bounded(self.observe_bound, async {
+            Ok(pg::fenced_wal_end(&self.conninfo).await?.0)
+        })
+        .await
+    }
+
+    /// Handover: arrange to start as the peer's standby, then fast shutdown.
+    pub async fn stop_to_follow(&self) -> Result<pg::StopReport, DbError> {
+        let Some(follow) = self.follow_conninfo.as_deref() else {
+            return Err(DbError::Pg(PgError::Refused(
+                "no primaryConninfoSecretRef: this region cannot follow the peer".into(),
+            )));
+        };
+        bounded(self.action_bound, async {
+            Ok(pg::stop_to_follow(&self.conninfo, follow).await?)
         })
         .await
     }
@@ -201,9 +243,151 @@ impl Database {
     }
 }
 
+/// The old primary's next step in a planned handover of a `postgres`
+/// region, once it holds the lease with the intent recorded (fence, record
+/// the final WAL position, stop to follow the peer, release). Pure: the
+/// controller observes, applies the step and observes again, so a restarted
+/// agent picks up where the last one stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgHandoverStep {
+    /// Stop acknowledging writes first.
+    Fence,
+    /// Record the fenced server's WAL end in the intent (`final_lsn`).
+    RecordFinal,
+    /// Write the standby configuration and shut down (fast).
+    Stop,
+    /// Give the lease up: the successor may take it.
+    Release,
+    Wait(&'static str),
+}
+
+/// What [`pg_handover_step`] looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct PgHandoverView<'a> {
+    /// The intent at the witnesses carries the final position.
+    pub final_recorded: bool,
+    /// The server's state; `None` when it did not answer.
+    pub db: Option<&'a DbState>,
+    /// The server refused the connection outright (its postmaster is gone),
+    /// as opposed to answering slowly or "shutting down".
+    pub server_gone: bool,
+    /// The stop was asked for longer ago than the stop bound, and the server
+    /// still neither went away nor came back.
+    pub stop_overdue: bool,
+}
+
+/// See [`PgHandoverStep`]. The successor takes the lease only after the
+/// release and only once it replayed past the final position; the stopped
+/// server's walsender waits for it to confirm every record up to the
+/// shutdown checkpoint before the postmaster exits. So the release waits
+/// for proof that the old server ended: refused connections, or the server
+/// back in recovery (restarted by its supervisor as the peer's standby). A
+/// server that stays unanswerable past the stop bound is released anyway:
+/// it was fenced before it was stopped, so the only risk left is a rebuild,
+/// never a lost or doubly acknowledged write.
+pub fn pg_handover_step(v: PgHandoverView<'_>) -> PgHandoverStep {
+    match v.db {
+        Some(d) if d.primary && !d.fenced => PgHandoverStep::Fence,
+        Some(d) if d.primary && !v.final_recorded => PgHandoverStep::RecordFinal,
+        Some(d) if d.primary => PgHandoverStep::Stop,
+        Some(_) if v.final_recorded => PgHandoverStep::Release,
+        Some(_) => PgHandoverStep::Wait(
+            "handover: the server is in recovery before its final WAL position was recorded",
+        ),
+        None if !v.final_recorded => PgHandoverStep::Wait(
+            "handover: the server is not answering; its final WAL position is not recorded yet",
+        ),
+        None if v.server_gone || v.stop_overdue => PgHandoverStep::Release,
+        None => PgHandoverStep::Wait("handover: waiting for the server to finish its shutdown"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postgres_handover_steps() {
+        let db = |primary: bool, fenced: bool| DbState {
+            primary,
+            fenced,
+            epoch: Epoch(1),
+            required_standby: None,
+            peer_attached: true,
+            replay_lsn: None,
+        };
+        let (open, fenced, standby) = (db(true, false), db(true, true), db(false, false));
+        use PgHandoverStep as S;
+        // (final recorded, db, gone, overdue, want, name)
+        type Row<'a> = (bool, Option<&'a DbState>, bool, bool, S, &'a str);
+        let cases: &[Row] = &[
+            (false, Some(&open), false, false, S::Fence, "open primary"),
+            (
+                true,
+                Some(&open),
+                false,
+                false,
+                S::Fence,
+                "unfenced again: fence first",
+            ),
+            (false, Some(&fenced), false, false, S::RecordFinal, "fenced"),
+            (true, Some(&fenced), false, false, S::Stop, "final recorded"),
+            (
+                true,
+                Some(&fenced),
+                true,
+                true,
+                S::Stop,
+                "still answering as primary",
+            ),
+            (
+                true,
+                Some(&standby),
+                false,
+                false,
+                S::Release,
+                "back as a standby",
+            ),
+            (
+                false,
+                Some(&standby),
+                false,
+                false,
+                S::Wait(""),
+                "standby without final",
+            ),
+            (
+                false,
+                None,
+                true,
+                true,
+                S::Wait(""),
+                "gone before the final position",
+            ),
+            (true, None, true, false, S::Release, "postmaster gone"),
+            (
+                true,
+                None,
+                false,
+                true,
+                S::Release,
+                "unanswered past the stop bound",
+            ),
+            (true, None, false, false, S::Wait(""), "shutting down"),
+        ];
+        for (final_recorded, db, gone, overdue, want, name) in cases {
+            let got = pg_handover_step(PgHandoverView {
+                final_recorded: *final_recorded,
+                db: *db,
+                server_gone: *gone,
+                stop_overdue: *overdue,
+            });
+            match (got, want) {
+                (S::Wait(_), S::Wait(_)) => {}
+                _ => assert_eq!(got, *want, "{name}"),
+            }
+        }
+    }
 
     #[test]
     fn bounds_follow_the_ttl() {

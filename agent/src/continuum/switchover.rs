@@ -1,5 +1,6 @@
 //! `continuum-agent switchover --continuum NAME --to REGION`: a planned
-//! switchover of CloudNativePG Clusters, through the Continuum resource.
+//! switchover through the Continuum resource (CloudNativePG Clusters, or
+//! `postgres` regions that name a `primaryConninfoSecretRef`).
 //!
 //! The command sets the annotation `dr.openova.io/switchover-to: <region>`
 //! on the old primary's Continuum (run it against the old primary's
@@ -10,6 +11,14 @@
 //! `status.demotionToken`), records the token in the intent and releases
 //! the lease; the successor's agent takes the next epoch and sets
 //! `replica.primary` + `replica.promotionToken` on its own Cluster.
+//!
+//! For `postgres` regions the old primary's agent records the intent,
+//! fences its server, records the fenced server's WAL end as the final
+//! position, writes `primary_conninfo` + `standby.signal` and asks for a fast
+//! shutdown, then releases the lease once the server is gone (or back in
+//! recovery); the successor takes the next epoch once it replayed past the
+//! final position, and promotes with `pg_promote`. The server's supervisor
+//! restarts the old one, which then streams from the new primary.
 
 use std::time::Duration;
 
@@ -54,19 +63,22 @@ pub fn check(status: Option<&ContinuumStatus>, to: &str) -> Result<Requested, St
     }
 }
 
-/// Whether the controller can switch this Continuum over: only CNPG's
-/// distributed topology hands over without a rebuild. A region that names a
-/// `postgres` connection fails over automatically, but a clean handover
-/// stops its server on its host, which the controller cannot reach.
-pub fn supported(spec: &ContinuumSpec) -> Result<(), String> {
-    match spec.regions.iter().find(|r| r.postgres.is_some()) {
-        Some(r) => Err(format!(
-            "region {} names a postgres connection: the Continuum controller fails such regions over \
-             but cannot switch them over (a clean handover stops the server on its host); run \
-             `continuum-agent failover` on the database hosts and `continuum-agent switchover --agent ...`",
+/// Whether the controller can switch this Continuum over to `to` without a
+/// rebuild: CNPG's distributed topology can; a `postgres` region can once
+/// the region handing over (the one that is not `to`) names the
+/// `primary_conninfo` to follow the other with. Without it, its server
+/// could only be stopped, not brought back as a standby.
+pub fn supported(spec: &ContinuumSpec, to: &str) -> Result<(), String> {
+    let from = spec.regions.iter().find(|r| r.name != to);
+    match from.and_then(|r| r.postgres.as_ref().map(|p| (r, p))) {
+        Some((r, p)) if p.primary_conninfo_secret_ref.is_none() => Err(format!(
+            "region {} names a postgres connection without primaryConninfoSecretRef: its agent \
+             cannot turn the server into {to}'s standby after the handover; add it (see the \
+             README, \"The Continuum resource\") or use `continuum-agent failover` on the \
+             database hosts with `continuum-agent switchover --agent ...`",
             r.name
         )),
-        None => Ok(()),
+        _ => Ok(()),
     }
 }
 
@@ -86,7 +98,7 @@ pub async fn request(
     if !cr.spec.regions.iter().any(|r| r.name == to) {
         bail!("region {to} is not in spec.regions of {ns}/{name}");
     }
-    if let Err(why) = supported(&cr.spec) {
+    if let Err(why) = supported(&cr.spec, to) {
         bail!("Continuum {ns}/{name}: {why}");
     }
     match check(cr.status.as_ref(), to) {
@@ -191,28 +203,46 @@ mod tests {
     }
 
     #[test]
-    fn postgres_regions_are_refused() {
+    fn postgres_regions_need_a_primary_conninfo() {
+        let region = |n: &str, kind: &str| match kind {
+            "cnpg" => json!({"name": n, "cnpg": {"name": format!("pg-{n}")}}),
+            "pg" => {
+                json!({"name": n, "postgres": {"connectionSecretRef": {"name": n, "key": "uri"}}})
+            }
+            _ => json!({"name": n, "postgres": {
+                "connectionSecretRef": {"name": n, "key": "uri"},
+                "primaryConninfoSecretRef": {"name": format!("{n}-follow"), "key": "conninfo"},
+            }}),
+        };
         let spec = |a: &str, b: &str| -> ContinuumSpec {
-            let region = |n: &str, kind: &str| match kind {
-                "cnpg" => json!({"name": n, "cnpg": {"name": format!("pg-{n}")}}),
-                _ => {
-                    json!({"name": n, "postgres": {"connectionSecretRef": {"name": n, "key": "uri"}}})
-                }
-            };
             serde_json::from_value(json!({
                 "regions": [region("a", a), region("b", b)],
                 "witnesses": {"urls": ["https://w"], "tlsSecretRef": {"name": "t"}},
             }))
             .expect("spec")
         };
-        assert_eq!(supported(&spec("cnpg", "cnpg")), Ok(()));
-        let err = supported(&spec("postgres", "postgres")).expect_err("postgres");
-        assert!(
-            err.contains("region a names a postgres connection"),
-            "{err}"
-        );
-        assert!(supported(&spec("cnpg", "postgres"))
-            .expect_err("mixed")
-            .contains("region b"));
+        // (a, b, to, refused region)
+        let cases = [
+            ("cnpg", "cnpg", "b", None),
+            ("pg+follow", "pg+follow", "b", None),
+            ("pg+follow", "pg+follow", "a", None),
+            ("pg", "pg", "b", Some("region a")),
+            ("pg", "pg", "a", Some("region b")),
+            ("pg+follow", "pg", "b", None),
+            ("pg+follow", "pg", "a", Some("region b")),
+        ];
+        for (a, b, to, want) in cases {
+            let got = supported(&spec(a, b), to);
+            match (got, want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(w)) => {
+                    assert!(
+                        e.contains(w) && e.contains("primaryConninfoSecretRef"),
+                        "{a}/{b} to {to}: {e}"
+                    )
+                }
+                (got, want) => panic!("{a}/{b} to {to}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 }

@@ -269,6 +269,122 @@ pub async fn is_fenced(conninfo: &str) -> Result<bool, PgError> {
     Ok(decide::is_fenced(col(&row, 0)?, col(&row, 1)?))
 }
 
+/// A fenced primary's WAL insert position (where its next record goes).
+/// A planned handover over a connection records it as the final position
+/// the successor must replay past: the shutdown checkpoint lands after it.
+pub async fn fenced_wal_end(conninfo: &str) -> Result<Lsn, PgError> {
+    let client = connect(conninfo).await?;
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('synchronous_standby_names'), \
+             current_setting('default_transaction_read_only'), \
+             CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn()::text END",
+            &[],
+        )
+        .await
+        .map_err(q("read WAL end"))?;
+    if col::<bool>(&row, 0)? {
+        return Err(PgError::Refused("the server is a standby".into()));
+    }
+    if !decide::is_fenced(col(&row, 1)?, col(&row, 2)?) {
+        return Err(PgError::Refused(
+            "the server is not fenced: its WAL end still moves".into(),
+        ));
+    }
+    lsn_opt(col(&row, 3)?)?.ok_or_else(|| PgError::BadLsn("NULL".into()))
+}
+
+/// What [`stop_to_follow`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopReport {
+    pub data_directory: String,
+    /// The postmaster that was asked to shut down.
+    pub postmaster_pid: u32,
+    pub took: Duration,
+}
+
+/// Planned handover without the server's host: makes the fenced primary
+/// start as a standby of `primary_conninfo` the next time it starts
+/// (`primary_conninfo` by ALTER SYSTEM, an empty `standby.signal` written by
+/// `COPY`), then asks its postmaster for a fast shutdown (SIGINT, sent by
+/// `COPY ... TO PROGRAM`: superuser or `pg_execute_server_program`). Its
+/// walsenders send every record up to the shutdown checkpoint to the
+/// connected standby and wait for it to confirm before the postmaster exits.
+/// Whatever supervises the server (kubelet, systemd) starts it again, and it
+/// streams from the new primary without a rebuild: its WAL is a prefix of
+/// the successor's. Refuses a standby or an unfenced primary.
+pub async fn stop_to_follow(conninfo: &str, primary_conninfo: &str) -> Result<StopReport, PgError> {
+    let t0 = Instant::now();
+    let client = connect(conninfo).await?;
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('synchronous_standby_names'), \
+             current_setting('default_transaction_read_only'), \
+             current_setting('data_directory'), pg_read_file('postmaster.pid')",
+            &[],
+        )
+        .await
+        .map_err(q("read server state"))?;
+    if col::<bool>(&row, 0)? {
+        return Err(PgError::Refused("the server is already a standby".into()));
+    }
+    if !decide::is_fenced(col(&row, 1)?, col(&row, 2)?) {
+        return Err(PgError::Refused(
+            "the server is not fenced: a primary stops for a handover only after it stopped acknowledging writes".into(),
+        ));
+    }
+    let data_directory: String = col(&row, 3)?;
+    let pid_file: String = col(&row, 4)?;
+    let pid = decide::postmaster_pid(&pid_file)
+        .ok_or_else(|| PgError::Refused("postmaster.pid holds no pid".into()))?;
+    alter_system(
+        &client,
+        &[("primary_conninfo", primary_conninfo.to_string())],
+        &[],
+    )
+    .await?;
+    let signal_file = format!("{}/standby.signal", data_directory.trim_end_matches('/'));
+    client
+        .batch_execute(&format!(
+            "COPY (SELECT WHERE false) TO {}",
+            decide::sql_literal(&signal_file)
+        ))
+        .await
+        .map_err(q("write standby.signal"))?;
+    // The postmaster terminates this session as part of the shutdown: an
+    // admin-shutdown error or a closed connection is the expected answer.
+    match client
+        .batch_execute(&format!(
+            "COPY (SELECT WHERE false) TO PROGRAM 'kill -INT {pid}'"
+        ))
+        .await
+    {
+        Ok(()) => {}
+        Err(e)
+            if e.is_closed()
+                || e.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN) => {}
+        Err(e) => {
+            return Err(PgError::Query {
+                what: "ask the postmaster for a fast shutdown",
+                source: e,
+            })
+        }
+    }
+    let report = StopReport {
+        data_directory,
+        postmaster_pid: pid,
+        took: t0.elapsed(),
+    };
+    tracing::info!(
+        action = "stop_for_handover",
+        reason = "planned handover: restart as the successor's standby",
+        postmaster_pid = pid,
+        took_ms = report.took.as_secs_f64() * 1e3,
+        "standby.signal and primary_conninfo written; fast shutdown requested"
+    );
+    Ok(report)
+}
+
 async fn standby_status_on(client: &Client) -> Result<StandbyStatus, PgError> {
     let row = client
         .query_one(

@@ -239,6 +239,39 @@ pub fn follows_without_rewind(tli: u32, checkpoint: Lsn, source_tli: u32, histor
     })
 }
 
+/// `conninfo` (either libpq form) with `application_name` set to `app`, the
+/// name the primary's `synchronous_standby_names` lists: a trailing keyword
+/// or URI parameter, which libpq lets override an earlier one. `app` is a
+/// region id (a DNS label), so it needs no quoting.
+pub fn with_application_name(conninfo: &str, app: &str) -> String {
+    let c = conninfo.trim();
+    if c.starts_with("postgresql://") || c.starts_with("postgres://") {
+        let sep = if c.contains('?') { '&' } else { '?' };
+        format!("{c}{sep}application_name={app}")
+    } else if c.is_empty() {
+        format!("application_name={app}")
+    } else {
+        format!("{c} application_name={app}")
+    }
+}
+
+/// The postmaster's pid: the first line of `postmaster.pid`. `None` unless
+/// it is a plain positive number (the value goes into a `kill` command
+/// line). 1 is valid: in a container the postmaster is often the init.
+pub fn postmaster_pid(pid_file: &str) -> Option<u32> {
+    let first = pid_file.lines().next()?.trim();
+    if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    first.parse::<u32>().ok().filter(|p| *p > 0)
+}
+
+/// A string literal for SQL text (standard_conforming_strings, the default
+/// since PostgreSQL 9.1): single quotes doubled.
+pub fn sql_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,5 +473,61 @@ Latest checkpoint's TimeLineID:       1\n";
                 fenced_standby_names()
             )
         );
+    }
+
+    #[test]
+    fn application_name_is_appended_in_either_form() {
+        let cases = [
+            (
+                "host=b port=5432 user=r",
+                "host=b port=5432 user=r application_name=a",
+            ),
+            (
+                "host=b application_name=x",
+                "host=b application_name=x application_name=a",
+            ),
+            (
+                "postgresql://r@b:5432/postgres",
+                "postgresql://r@b:5432/postgres?application_name=a",
+            ),
+            (
+                "postgres://r@b/db?sslmode=require",
+                "postgres://r@b/db?sslmode=require&application_name=a",
+            ),
+            ("  host=b  ", "host=b application_name=a"),
+            ("", "application_name=a"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(with_application_name(input, "a"), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn postmaster_pid_is_a_plain_number() {
+        let cases = [
+            (
+                "4017\n/var/lib/postgresql/15/main\n1700000000\n5432\n",
+                Some(4017),
+            ),
+            ("4017", Some(4017)),
+            (" 77 \n", Some(77)),
+            ("1\n", Some(1)),
+            ("0\n", None),
+            ("-5\n", None),
+            ("12; rm -rf /\n", None),
+            ("99999999999\n", None),
+            ("", None),
+            ("\n4017", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(postmaster_pid(text), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn sql_literals_double_quotes() {
+        assert_eq!(sql_literal("/var/lib/pg"), "'/var/lib/pg'");
+        assert_eq!(sql_literal("it's"), "'it''s'");
+        assert_eq!(sql_literal("a\\b"), "'a\\b'");
     }
 }

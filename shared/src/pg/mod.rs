@@ -65,9 +65,31 @@ pub enum PgError {
     },
     #[error("{tool} failed: {detail}")]
     Tool { tool: &'static str, detail: String },
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 impl PgError {
+    /// Nothing listens where the server should be (connection refused, or
+    /// its unix socket gone): its postmaster has exited, as opposed to a
+    /// server that answers slowly or says it is shutting down.
+    pub fn is_refused(&self) -> bool {
+        let PgError::Connect(e) = self else {
+            return false;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+        while let Some(c) = cause {
+            if let Some(io) = c.downcast_ref::<std::io::Error>() {
+                return matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                );
+            }
+            cause = c.source();
+        }
+        false
+    }
+
     /// Stable metric label for this error kind.
     pub fn label(&self) -> &'static str {
         match self {
@@ -81,6 +103,7 @@ impl PgError {
             PgError::Timeout { .. } => "timeout",
             PgError::ConfigFile { .. } => "config_file",
             PgError::Tool { .. } => "tool",
+            PgError::Refused(_) => "refused",
         }
     }
 }
@@ -114,6 +137,7 @@ mod tests {
                 tool: "pg_rewind",
                 detail: "d".into(),
             },
+            PgError::Refused("x".into()),
         ];
         let mut labels: Vec<_> = errs.iter().map(PgError::label).collect();
         assert!(labels
@@ -123,5 +147,24 @@ mod tests {
         let n = labels.len();
         labels.dedup();
         assert_eq!(labels.len(), n);
+    }
+
+    /// Refused means "the postmaster is gone"; silence does not.
+    #[tokio::test]
+    async fn refusal_is_told_from_silence() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = closed.local_addr().expect("addr").port();
+        drop(closed);
+        let e = backend::connect(&format!("host=127.0.0.1 port={port} user=x"))
+            .await
+            .expect_err("nothing listens");
+        assert!(e.is_refused(), "{e:?}");
+        let dir = std::env::temp_dir().join(format!("continuum-no-pg-{}", std::process::id()));
+        let e = backend::connect(&format!("host={} port=5432 user=x", dir.display()))
+            .await
+            .expect_err("no socket file");
+        assert!(e.is_refused(), "{e:?}");
+        assert!(!PgError::ConnectTimeout(Duration::ZERO).is_refused());
+        assert!(!PgError::NotStandby.is_refused());
     }
 }
