@@ -89,6 +89,8 @@ pub struct SuccessorWatch {
     pub quorum: Arc<QuorumClient>,
     pub lease: LeaseName,
     pub last_seq: Arc<AtomicU64>,
+    /// The runner's writer id (`LeaseMeta::writer`).
+    pub writer: u64,
 }
 
 /// The guard stood down: a successor of this region adopted the grant.
@@ -113,20 +115,26 @@ pub enum Verdict {
 
 /// Whether `view` proves that another process of this region continues
 /// `grant`: a majority sees this region as the live holder at the grant's
-/// epoch (still the newest), and the metadata at that epoch carries a `seq`
+/// epoch (still the newest), and the metadata at that epoch was written by
+/// a successor of this holder: it names this holder's writer id as the one
+/// it adopted the grant from (`LeaseMeta::adopted_from`), and its `seq` is
 /// above every `seq` this holder used (`own_seq`). Only a holder of the
 /// grant can write metadata at its epoch (the witnesses check holder and
 /// epoch), and a runner writes metadata only after its adoption renewed the
 /// grant at a majority, i.e. with its own fence guard armed.
 ///
-/// A successor's `seq` exceeds this holder's because `LeaseMeta::next_seq`
-/// takes the highest `seq` its last majority read showed plus one, and the
-/// wall clock in ms, after the leader election gap. The one way a record of
-/// this holder's *predecessor* could pass for a successor's is a write of it
-/// that was still in flight, unseen, when this holder recorded, with a `seq`
-/// above this holder's (clock behind by more than that gap): not expected,
-/// and noted here rather than ruled out (LeaseMeta carries no writer id).
-pub fn successor_verdict(view: &MajorityView, grant: &Grant, own_seq: u64) -> Verdict {
+/// A record this holder's *predecessor* wrote (say, one still in flight
+/// when this holder adopted) cannot pass for a successor's, whatever its
+/// `seq`: it was written before this holder existed, so it cannot name this
+/// holder's writer id. Records without writer ids (older agents) never
+/// count: the guard then fences at the deadline, as it would without a
+/// successor.
+pub fn successor_verdict(
+    view: &MajorityView,
+    grant: &Grant,
+    own_seq: u64,
+    own_writer: u64,
+) -> Verdict {
     let Some((holder, epoch)) = view.holder.as_ref() else {
         return Verdict::NoSuccessor("no live holder at a majority");
     };
@@ -137,11 +145,18 @@ pub fn successor_verdict(view: &MajorityView, grant: &Grant, own_seq: u64) -> Ve
         return Verdict::NoSuccessor("the live epoch is not this grant's");
     }
     match view.meta.as_ref() {
-        Some((e, m)) if *e == grant.epoch && m.seq > own_seq => Verdict::HandedOver {
-            successor_seq: m.seq,
-        },
-        Some((e, _)) if *e == grant.epoch => {
-            Verdict::NoSuccessor("no record newer than this holder's at this epoch")
+        Some((e, m)) if *e == grant.epoch => {
+            if m.adopted_from != Some(own_writer) || m.writer == Some(own_writer) {
+                Verdict::NoSuccessor(
+                    "the newest record at this epoch is not a successor's of this holder",
+                )
+            } else if m.seq <= own_seq {
+                Verdict::NoSuccessor("no record newer than this holder's at this epoch")
+            } else {
+                Verdict::HandedOver {
+                    successor_seq: m.seq,
+                }
+            }
         }
         _ => Verdict::NoSuccessor("no record at this epoch"),
     }
@@ -231,7 +246,7 @@ async fn watch_for_successor(w: &SuccessorWatch, g: &Grant) -> Option<HandedOver
         }
         let own_seq = w.last_seq.load(Ordering::SeqCst);
         match read {
-            Ok(view) => match successor_verdict(&view, g, own_seq) {
+            Ok(view) => match successor_verdict(&view, g, own_seq, w.writer) {
                 Verdict::HandedOver { successor_seq } => {
                     return Some(HandedOver {
                         grant_epoch: g.epoch,
@@ -278,49 +293,80 @@ mod tests {
         }
     }
 
-    fn meta(seq: u64) -> LeaseMeta {
+    fn meta(seq: u64, writer: u64, adopted_from: Option<u64>) -> LeaseMeta {
         LeaseMeta {
             sync_standby: Some(h("b")),
             seq,
+            writer: Some(writer),
+            adopted_from,
             ..LeaseMeta::default()
         }
     }
 
+    /// This holder's writer id in the table; 9 is its successor, 5 its
+    /// predecessor (which adopted from 3).
+    const ME: u64 = 7;
+
     #[test]
     fn successor_verdict_table() {
         let g = grant(3);
-        let view =
-            |holder: Option<(&str, u64)>, max: u64, meta_at: Option<(u64, u64)>| MajorityView {
+        let view = |holder: Option<(&str, u64)>, max: u64, meta_at: Option<(u64, LeaseMeta)>| {
+            MajorityView {
                 holder: holder.map(|(x, e)| (h(x), Epoch(e))),
                 expired_at_majority: holder.is_none(),
                 max_epoch: Epoch(max),
-                meta: meta_at.map(|(e, s)| (Epoch(e), meta(s))),
+                meta: meta_at.map(|(e, m)| (Epoch(e), m)),
                 answered: 3,
-            };
+            }
+        };
+        let successor = |seq| meta(seq, 9, Some(ME));
         let stand_down = |seq| Verdict::HandedOver { successor_seq: seq };
         let keep = Verdict::NoSuccessor;
+        let not_successor = "the newest record at this epoch is not a successor's of this holder";
+        let unwritten = LeaseMeta {
+            seq: 101,
+            ..LeaseMeta::default()
+        };
         let cases = [
             (
-                "successor adopted and recorded after me",
-                view(Some(("a", 3)), 3, Some((3, 101))),
+                "successor adopted from me and recorded after me",
+                view(Some(("a", 3)), 3, Some((3, successor(101)))),
                 100,
                 stand_down(101),
             ),
             (
                 "only my own last record",
-                view(Some(("a", 3)), 3, Some((3, 100))),
+                view(Some(("a", 3)), 3, Some((3, meta(100, ME, Some(5))))),
                 100,
-                keep("no record newer than this holder's at this epoch"),
+                keep(not_successor),
             ),
             (
-                "an older record of mine (my last write did not land)",
-                view(Some(("a", 3)), 3, Some((3, 90))),
+                "my own record with a seq I have not published (cannot happen; still mine)",
+                view(Some(("a", 3)), 3, Some((3, meta(150, ME, None)))),
+                100,
+                keep(not_successor),
+            ),
+            (
+                "my predecessor's late write, seq above mine (clock skew)",
+                view(Some(("a", 3)), 3, Some((3, meta(150, 5, Some(3))))),
+                100,
+                keep(not_successor),
+            ),
+            (
+                "a record without writer id (older agent)",
+                view(Some(("a", 3)), 3, Some((3, unwritten))),
+                100,
+                keep(not_successor),
+            ),
+            (
+                "successor's record, yet not above my seq",
+                view(Some(("a", 3)), 3, Some((3, successor(100)))),
                 100,
                 keep("no record newer than this holder's at this epoch"),
             ),
             (
                 "adopted, nothing recorded yet at this epoch",
-                view(Some(("a", 3)), 3, Some((2, 500))),
+                view(Some(("a", 3)), 3, Some((2, successor(500)))),
                 100,
                 keep("no record at this epoch"),
             ),
@@ -332,31 +378,31 @@ mod tests {
             ),
             (
                 "lease free at a majority",
-                view(None, 3, Some((3, 101))),
+                view(None, 3, Some((3, successor(101)))),
                 100,
                 keep("no live holder at a majority"),
             ),
             (
                 "the other region holds",
-                view(Some(("b", 4)), 4, Some((4, 101))),
+                view(Some(("b", 4)), 4, Some((4, successor(101)))),
                 100,
                 keep("another region holds the lease"),
             ),
             (
                 "this region, but a newer epoch",
-                view(Some(("a", 4)), 4, Some((4, 101))),
+                view(Some(("a", 4)), 4, Some((4, successor(101)))),
                 100,
                 keep("the live epoch is not this grant's"),
             ),
             (
                 "this region at my epoch, yet a newer epoch granted somewhere",
-                view(Some(("a", 3)), 4, Some((3, 101))),
+                view(Some(("a", 3)), 4, Some((3, successor(101)))),
                 100,
                 keep("the live epoch is not this grant's"),
             ),
         ];
         for (name, v, own, want) in cases {
-            assert_eq!(successor_verdict(&v, &g, own), want, "{name}");
+            assert_eq!(successor_verdict(&v, &g, own, ME), want, "{name}");
         }
     }
 
@@ -436,6 +482,7 @@ mod tests {
                 quorum: w.client.clone(),
                 lease: w.lease.clone(),
                 last_seq: Arc::new(AtomicU64::new(own_seq)),
+                writer: ME,
             },
         ));
         tokio::task::yield_now().await;
@@ -451,7 +498,7 @@ mod tests {
         let ttl = Duration::from_secs(5);
         let a = h("a");
         let g = w.client.acquire(&w.lease, &a, ttl).await.expect("acquire");
-        let mine = meta(LeaseMeta::next_seq(0, None));
+        let mine = meta(LeaseMeta::next_seq(0, None), ME, None);
         w.client.update_meta(&g, &mine).await.expect("my meta");
         // The successor adopts and records a second later.
         let client = w.client.clone();
@@ -462,7 +509,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let g2 = client.adopt(&lease, &a, epoch, ttl).await.expect("adopt");
             client
-                .update_meta(&g2, &meta(LeaseMeta::next_seq(0, Some(own))))
+                .update_meta(&g2, &meta(LeaseMeta::next_seq(0, Some(own)), 9, Some(ME)))
                 .await
                 .expect("successor meta");
         });
@@ -483,7 +530,10 @@ mod tests {
             .await
             .expect("acquire");
         let seq = LeaseMeta::next_seq(0, None);
-        w.client.update_meta(&g, &meta(seq)).await.expect("meta");
+        w.client
+            .update_meta(&g, &meta(seq, ME, None))
+            .await
+            .expect("meta");
         let deadline = g.deadline;
         let (out, fenced) = run_guard(&w, g, seq).await;
         assert_eq!(out, None);
@@ -491,6 +541,34 @@ mod tests {
         // It kept looking about every TTL/10 meanwhile (3 witnesses a read).
         let reads = w.reads.load(Ordering::SeqCst);
         assert!(reads >= 3 * 8, "{reads} witness reads");
+    }
+
+    /// The residual case the writer ids close: a record of this holder's
+    /// predecessor that lands late, with a `seq` above this holder's (its
+    /// clock ahead), is not a successor's: the guard fences at the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_predecessors_late_record_does_not_stand_the_guard_down() {
+        let w = world();
+        let ttl = Duration::from_secs(5);
+        let a = h("a");
+        let g = w.client.acquire(&w.lease, &a, ttl).await.expect("acquire");
+        let mine = meta(LeaseMeta::next_seq(0, None), ME, Some(5));
+        w.client.update_meta(&g, &mine).await.expect("my meta");
+        let client = w.client.clone();
+        let late = meta(mine.seq + 60_000, 5, Some(3));
+        let g_late = g.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            client
+                .update_meta(&g_late, &late)
+                .await
+                .expect("late write lands");
+        });
+        let deadline = g.deadline;
+        let own = mine.seq;
+        let (out, fenced) = run_guard(&w, g, own).await;
+        assert_eq!(out, None, "stood down for a predecessor's record");
+        assert_eq!(fenced, Some(deadline), "fenced exactly at the deadline");
     }
 
     #[tokio::test(start_paused = true)]
@@ -507,7 +585,7 @@ mod tests {
             .await
             .expect("adopt");
         w.client
-            .update_meta(&g2, &meta(LeaseMeta::next_seq(0, None)))
+            .update_meta(&g2, &meta(LeaseMeta::next_seq(0, None), 9, Some(ME)))
             .await
             .expect("meta");
         w.delay_ms.store(10_000, Ordering::SeqCst);

@@ -192,9 +192,29 @@ pub struct LeaseMeta {
     /// so records without a handover keep their old encoding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handover: Option<Handover>,
+    /// Random id of the agent runner that wrote this record, so that a fence
+    /// guard can tell a successor's record from its own. Absent when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<u64>,
+    /// The `writer` of the record this writer's grant was adopted over (an
+    /// agent restart or a leader change). A successor names its predecessor
+    /// here, which no record written before the adoption can: the
+    /// predecessor's fence guard stands down only for such a record
+    /// (`lease_guard::successor_verdict`). Absent when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted_from: Option<u64>,
 }
 
 impl LeaseMeta {
+    /// A fresh writer id for one runner (random per process and call).
+    pub fn new_writer_id() -> u64 {
+        use std::hash::BuildHasher;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        std::collections::hash_map::RandomState::new().hash_one((std::process::id(), nanos))
+    }
+
     /// The `seq` of the next update in an epoch. A witness silently keeps
     /// the highest `(epoch, seq)`, and a process that adopts its region's
     /// grant after a restart or leader change continues an epoch an earlier

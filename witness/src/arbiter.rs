@@ -357,6 +357,8 @@ mod tests {
                 confirmed_lsn: Some(seq * 100),
                 seq,
                 handover: None,
+                writer: Some(7),
+                adopted_from: None,
             },
         })
     }
@@ -608,6 +610,7 @@ mod tests {
                         final_lsn,
                         promotion_token: None,
                     }),
+                    ..LeaseMeta::default()
                 },
             })
         };

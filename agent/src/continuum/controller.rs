@@ -214,6 +214,11 @@ struct Runner {
     /// write is sent; its fence guard reads it to tell a successor's record
     /// from this runner's own ([`crate::lease_guard::successor_verdict`]).
     meta_seq: Arc<AtomicU64>,
+    /// This runner's id in the records it writes (`LeaseMeta::writer`).
+    writer: u64,
+    /// The writer of the record at the epoch this runner adopted, named in
+    /// its own records (`LeaseMeta::adopted_from`).
+    adopted_from: Option<u64>,
     /// libpq connection string from `connectionSecretRef`, if the spec
     /// names one (always, for a `postgres` region).
     db_conn: Option<String>,
@@ -547,6 +552,7 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
     };
     let (grant_tx, grant_rx) = watch::channel(None);
     let meta_seq = Arc::new(AtomicU64::new(0));
+    let writer = LeaseMeta::new_writer_id();
     let guard = tokio::spawn(fence_guard(
         grant_rx,
         db.clone(),
@@ -558,6 +564,7 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
             quorum: quorum.clone(),
             lease: lease.clone(),
             last_seq: meta_seq.clone(),
+            writer,
         },
     ));
     ctx.track_guard(guard);
@@ -576,6 +583,8 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
         recorded: None,
         recorded_at: None,
         meta_seq,
+        writer,
+        adopted_from: None,
         db_conn,
         applied_standby: None,
         meta_refresh: ctx.cfg.meta_refresh,
@@ -734,6 +743,27 @@ impl Runner {
         seq
     }
 
+    /// The next metadata record this runner writes: its `seq`
+    /// ([`Runner::next_meta_seq`]), its writer id and the writer it adopted
+    /// the grant from, so that the predecessor's fence guard can recognise
+    /// a successor ([`crate::lease_guard::successor_verdict`]).
+    fn new_meta(
+        &mut self,
+        seen_seq: Option<u64>,
+        sync_standby: Option<HolderId>,
+        confirmed_lsn: Option<u64>,
+        handover: Option<continuum_shared::lease::Handover>,
+    ) -> LeaseMeta {
+        LeaseMeta {
+            sync_standby,
+            confirmed_lsn,
+            seq: self.next_meta_seq(seen_seq),
+            handover,
+            writer: Some(self.writer),
+            adopted_from: self.adopted_from,
+        }
+    }
+
     async fn observe(&mut self) -> Seen {
         let now = std::time::Instant::now();
         let held = self.grant.borrow().as_ref().map(|g| Held {
@@ -886,8 +916,9 @@ impl Runner {
                 "no grant to record the handover under".into(),
             ));
         };
-        let mut meta = rec;
-        meta.seq = self.next_meta_seq(None);
+        // The record may be a predecessor's (adopted with its intent):
+        // rewritten as this runner's.
+        let mut meta = self.new_meta(None, rec.sync_standby, rec.confirmed_lsn, rec.handover);
         if let Some(h) = meta.handover.as_mut() {
             edit(h);
         }
@@ -1125,6 +1156,14 @@ impl Runner {
                 {
                     Ok(g) => {
                         self.hold(g, seen);
+                        // The predecessor's last record at this epoch: its
+                        // guard stands down once ours names its writer.
+                        self.adopted_from = seen
+                            .view
+                            .as_ref()
+                            .and_then(|v| v.meta.as_ref())
+                            .filter(|(e, _)| e == epoch)
+                            .and_then(|(_, m)| m.writer);
                         self.recorded = handover.clone();
                         Ok(format!(
                             "continuing this region's grant left by an earlier leader: holding epoch {epoch}, no fence"
@@ -1279,13 +1318,15 @@ impl Runner {
                 let Some(grant) = grant else {
                     return Err(("not_holding", "no grant to update metadata under".into()));
                 };
-                let seq = self.next_meta_seq(seen_seq(seen, grant.epoch));
-                let meta = LeaseMeta {
-                    sync_standby: sync_standby.clone(),
-                    confirmed_lsn: self.confirmed_lsn(seen, sync_standby.as_ref()),
-                    seq,
-                    handover: handover.clone(),
-                };
+                // The Cluster does not carry the confirmed LSN; only a
+                // connection to the server does.
+                let confirmed = self.confirmed_lsn(seen, sync_standby.as_ref());
+                let meta = self.new_meta(
+                    seen_seq(seen, grant.epoch),
+                    sync_standby.clone(),
+                    confirmed,
+                    handover.clone(),
+                );
                 self.quorum
                     .update_meta(&grant, &meta)
                     .await
@@ -1314,15 +1355,15 @@ impl Runner {
                 let Some(grant) = grant else {
                     return Err(("not_holding", "no grant to update metadata under".into()));
                 };
-                let seq = self.next_meta_seq(seen_seq(seen, grant.epoch));
                 // The Cluster does not carry the confirmed LSN; only a
                 // connection to the server does.
-                let meta = LeaseMeta {
-                    sync_standby: sync_standby.clone(),
-                    confirmed_lsn: self.confirmed_lsn(seen, sync_standby.as_ref()),
-                    seq,
-                    handover: handover.clone(),
-                };
+                let confirmed = self.confirmed_lsn(seen, sync_standby.as_ref());
+                let meta = self.new_meta(
+                    seen_seq(seen, grant.epoch),
+                    sync_standby.clone(),
+                    confirmed,
+                    handover.clone(),
+                );
                 self.quorum
                     .update_meta(&grant, &meta)
                     .await
@@ -1752,13 +1793,7 @@ async fn finalize(cr: &Continuum, ctx: &Ctx) -> Result<(), Error> {
         let mut r = runner.lock().await;
         let grant = r.grant.borrow().clone();
         if let Some(g) = grant.filter(|g| g.is_held_at(Instant::now())) {
-            let seq = r.next_meta_seq(None);
-            let meta = LeaseMeta {
-                sync_standby: None,
-                confirmed_lsn: None,
-                seq,
-                handover: None,
-            };
+            let meta = r.new_meta(None, None, None, None);
             if let Err(e) = r.quorum.update_meta(&g, &meta).await {
                 let m = &ctx.metrics;
                 m.actions.with_label_values(&["finalize", "failed"]).inc();

@@ -897,6 +897,8 @@ impl Runner {
                     confirmed_lsn,
                     seq: self.meta_seq,
                     handover: handover.clone(),
+                    // No successor watch in this runner: no writer ids.
+                    ..LeaseMeta::default()
                 };
                 self.client
                     .update_meta(&grant, &meta)
