@@ -34,6 +34,27 @@ fn ensure_built() -> Result<()> {
             if release {
                 cmd.arg("--release");
             }
+            // Cargo gives a test (or `cargo run`) the variables of its own
+            // package; build scripts watch some of them (ring's does), so
+            // passing them on would rebuild half the dependency tree here
+            // and again in the next plain build.
+            for (key, _) in std::env::vars_os() {
+                let k = key.to_string_lossy();
+                let package_var = k.starts_with("CARGO_PKG_")
+                    || k.starts_with("CARGO_BIN_")
+                    || matches!(
+                        k.as_ref(),
+                        "CARGO_MANIFEST_DIR"
+                            | "CARGO_MANIFEST_PATH"
+                            | "CARGO_CRATE_NAME"
+                            | "CARGO_PRIMARY_PACKAGE"
+                            | "CARGO_TARGET_TMPDIR"
+                            | "CARGO_RUSTC_CURRENT_DIR"
+                    );
+                if package_var {
+                    cmd.env_remove(&key);
+                }
+            }
             match cmd.status() {
                 Ok(s) if s.success() => Ok(()),
                 Ok(s) => Err(format!("cargo build of the agent and witness failed: {s}")),

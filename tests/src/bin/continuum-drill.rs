@@ -23,7 +23,7 @@ enum Which {
     /// witnesses; SIGKILL the primary's region, measure RTO, verify every
     /// acknowledged write survived, rebuild the killed region and fail back.
     RegionKill {
-        /// Kills to run; each fails over the other way.
+        /// Kills to run: each kills region A, fails over to B, rebuilds A and fails back to it.
         #[arg(long, default_value_t = 2)]
         iterations: usize,
         /// Witness processes (1 or 3).
