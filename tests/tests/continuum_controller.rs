@@ -2062,3 +2062,79 @@ async fn graceful_shutdown_without_successor_fences_by_the_deadline() {
     b.assert_no_forbidden();
     b.kill_agent();
 }
+
+/// Invariant 2 through the fence guard alone, `postgres` back-end: a's
+/// agent shuts down (SIGTERM) with no other agent of its region to adopt
+/// the grant, so its decision loop is gone and only the guard can fence.
+/// It fences the running server by the grant's deadline (before shutdown
+/// returns), a acknowledges no write after that, and b promotes with every
+/// acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_guard_fences_when_the_agent_stops_without_successor() {
+    let PgSetup {
+        pg_a,
+        pg_b,
+        mut a,
+        mut b,
+        witnesses: _witnesses,
+    } = pg_setup().await;
+    let (stop, writer) = start_writer(&pg_a, &pg_b);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fences_before = a.metric(ACTIONS, &[("action", "fence"), ("result", "ok")]);
+    assert!(!server_fenced(&pg_a).await);
+    let t0 = tokio::time::Instant::now();
+    a.shutdown_agent().await;
+    let shut = tokio::time::Instant::now();
+    assert!(
+        shut - t0 < Duration::from_secs(2),
+        "shutdown took {:?}",
+        shut - t0
+    );
+    assert!(server_fenced(&pg_a).await, "fenced when shutdown returns");
+    assert_eq!(
+        a.metric(ACTIONS, &[("action", "fence"), ("result", "ok")]),
+        fences_before + 1
+    );
+    assert_eq!(
+        a.metric(ACTIONS, &[("action", "fence"), ("result", "handed_over")]),
+        0
+    );
+    wait_for("b promoted", Duration::from_secs(15), || {
+        let s = b.status();
+        s["phase"] == "Primary" && s["epoch"] == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let log = writer.await.unwrap();
+    let last_on_a = log
+        .acks
+        .iter()
+        .filter(|k| k.region == 0)
+        .map(|k| k.at)
+        .max();
+    let last_on_a = tokio::time::Instant::from_std(last_on_a.expect("a acknowledged writes"));
+    assert!(
+        last_on_a <= shut,
+        "a acknowledged a write {:?} after its fence",
+        last_on_a - shut
+    );
+    let mut runs: Vec<usize> = log.acks.iter().map(|k| k.region).collect();
+    runs.dedup();
+    assert_eq!(runs, vec![0, 1], "acknowledging regions in order");
+    let ids: Vec<i64> = log.acks.iter().map(|k| k.id).collect();
+    let present: i64 = scalar(
+        &pg_b,
+        "SELECT count(*) FROM drill_writes WHERE id = ANY($1)",
+        &[&ids],
+    )
+    .await;
+    assert_eq!(
+        present as usize,
+        ids.len(),
+        "every acknowledged commit is on b"
+    );
+    a.assert_no_forbidden();
+    b.assert_no_forbidden();
+    b.kill_agent();
+}
