@@ -562,3 +562,53 @@ async fn fence_works_while_the_standby_is_gone() {
     assert!(r.is_err(), "hanging commit was acknowledged: {r:?}");
     assert!(backend::is_fenced(&primary.conninfo()).await.unwrap());
 }
+
+/// The decision loop's kept session (`observe::ObserveConn`): one backend
+/// serves every observation (no connection per tick), and when a fence
+/// terminates it, the very next observation still answers, on a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observation_session_is_kept_and_replaced_after_a_fence() {
+    use continuum_agent::failover::observe::{self, ObserveConn, ObserveError};
+    let (primary, _standby) = pair("a", "b");
+    let conn = ObserveConn::default();
+    let pid = |conn: &ObserveConn| {
+        let conn = conn.clone();
+        let info = primary.conninfo();
+        async move {
+            conn.run(
+                &info,
+                observe::observation(|c| {
+                    Box::pin(async move {
+                        let row = c
+                            .query_one("SELECT pg_backend_pid()", &[])
+                            .await
+                            .map_err(ObserveError::Query)?;
+                        Ok::<i32, ObserveError<tokio_postgres::Error>>(row.get(0))
+                    })
+                }),
+            )
+            .await
+            .expect("observation")
+        }
+    };
+    let first = pid(&conn).await;
+    for _ in 0..20 {
+        assert_eq!(pid(&conn).await, first, "the same session every tick");
+    }
+    let peer = continuum_shared::lease::HolderId::new("b").unwrap();
+    let before = observe::database(&conn, &primary.conninfo(), &peer)
+        .await
+        .expect("database");
+    assert!(before.primary && !before.fenced && before.peer_attached);
+    // The fence terminates every client backend, the kept one included.
+    backend::fence(&primary.conninfo()).await.expect("fence");
+    let after = observe::database(&conn, &primary.conninfo(), &peer)
+        .await
+        .expect("answers right after the fence");
+    assert!(after.primary && after.fenced);
+    assert_ne!(
+        pid(&conn).await,
+        first,
+        "a new session replaced the terminated one"
+    );
+}

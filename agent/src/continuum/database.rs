@@ -38,6 +38,8 @@ pub enum Database {
 #[derive(Clone)]
 pub struct Postgres {
     conninfo: String,
+    /// The observation's kept session (shared by clones of this handle).
+    observe_conn: observe::ObserveConn,
     /// `primary_conninfo` (with this region's `application_name`) the server
     /// gets when a planned handover turns it into the peer's standby; `None`:
     /// no switchover for this region.
@@ -92,6 +94,7 @@ impl Postgres {
     pub fn new(conninfo: String, ttl: Duration) -> Self {
         Self {
             conninfo,
+            observe_conn: observe::ObserveConn::default(),
             follow_conninfo: None,
             observe_bound: (ttl / 2).clamp(Duration::from_millis(200), Duration::from_secs(2)),
             action_bound: ttl.max(Duration::from_secs(2)),
@@ -103,11 +106,27 @@ impl Postgres {
     /// mapped to a region through the application names.
     pub async fn observe(&self, names: &Names) -> Result<(DbState, DbFacts), DbError> {
         bounded(self.observe_bound, async {
-            let client = pg::connect(&self.conninfo).await?;
-            let state = observe::database_on(&client, &names.peer_cluster)
-                .await
-                .map_err(DbError::Observe)?;
-            let facts = dbfacts::read_on(&client, &names.peer_cluster).await?;
+            let peer = names.peer_cluster.clone();
+            let read = observe::observation(move |c| {
+                let peer = peer.clone();
+                Box::pin(async move {
+                    let state = observe::database_on(c, &peer)
+                        .await
+                        .map_err(|e| observe::ObserveError::Query(DbError::Observe(e)))?;
+                    let facts = dbfacts::read_on(c, &peer)
+                        .await
+                        .map_err(|e| observe::ObserveError::Query(DbError::Pg(e)))?;
+                    Ok((state, facts))
+                })
+            });
+            let (state, facts) =
+                self.observe_conn
+                    .run(&self.conninfo, read)
+                    .await
+                    .map_err(|e| match e {
+                        observe::ObserveError::Connect(p) => DbError::Pg(p),
+                        observe::ObserveError::Query(d) => d,
+                    })?;
             let applied = dbfacts::applied_standby(&facts, names);
             Ok((
                 dbfacts::with_facts(state, Some(&facts), Some(&applied)),

@@ -13,7 +13,7 @@
 
 pub mod admin;
 mod link;
-pub(crate) mod observe;
+pub mod observe;
 pub mod switchover;
 
 use std::net::SocketAddr;
@@ -265,6 +265,8 @@ struct Runner {
     /// When `recorded` was stored (its refresh is due [`failover::META_REFRESH`] later).
     recorded_at: Option<std::time::Instant>,
     meta_seq: u64,
+    /// The decision loop's kept database session.
+    observe_conn: observe::ObserveConn,
     /// (epoch, seq) of the newest metadata in the last majority read.
     seen_meta: Option<(continuum_shared::lease::Epoch, u64)>,
     /// This process has held the lease (the unsafe no-fence test hook only
@@ -426,6 +428,7 @@ async fn run_async(args: FailoverArgs) -> anyhow::Result<()> {
         recorded: None,
         recorded_at: None,
         meta_seq: 0,
+        observe_conn: observe::ObserveConn::default(),
         seen_meta: None,
         held_once: false,
         adopt_tried_at: None,
@@ -528,7 +531,7 @@ impl Runner {
             epoch: g.epoch,
             deadline: g.deadline.into_std(),
         });
-        let db = observe::database(&self.args.pg_conninfo, &self.peer).await;
+        let db = observe::database(&self.observe_conn, &self.args.pg_conninfo, &self.peer).await;
         let db = match db {
             Ok(d) => Some(d),
             Err(e) => {

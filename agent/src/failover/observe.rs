@@ -27,10 +27,87 @@ pub fn required_standby(names: &str) -> Option<HolderId> {
     HolderId::new(first).ok()
 }
 
-/// One round trip's worth of facts about the database.
-pub async fn database(conninfo: &str, peer: &HolderId) -> Result<DbState, String> {
-    let client = pg::connect(conninfo).await.map_err(|e| e.to_string())?;
-    database_on(&client, peer.as_str()).await
+/// One round trip's worth of facts about the database, on `conn`'s
+/// long-lived session.
+pub async fn database(
+    conn: &ObserveConn,
+    conninfo: &str,
+    peer: &HolderId,
+) -> Result<DbState, String> {
+    let peer = peer.as_str().to_string();
+    conn.run(
+        conninfo,
+        observation(move |c| {
+            let peer = peer.clone();
+            Box::pin(async move { database_on(c, &peer).await.map_err(ObserveError::Query) })
+        }),
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// The session the decision loop observes the database on, kept across
+/// ticks: a new connection every tick is a new backend process forked on
+/// the server ten times a second. A session that died (the fence
+/// terminates every client backend, ours included; a restart) is replaced
+/// within the same call, so an observation right after a fence still sees
+/// the server. Actions keep their own short-lived connections (a fence
+/// must not depend on a session that may be stuck).
+#[derive(Clone, Default)]
+pub struct ObserveConn {
+    client: std::sync::Arc<tokio::sync::Mutex<Option<pg::Client>>>,
+}
+
+/// Why an observation on [`ObserveConn`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError<E: std::fmt::Display> {
+    /// No session: the server refused or did not answer the connection.
+    #[error(transparent)]
+    Connect(continuum_shared::pg::PgError),
+    /// The observation itself failed on an open session.
+    #[error("{0}")]
+    Query(E),
+}
+
+/// What an observation on [`ObserveConn`] returns (boxed: it borrows the
+/// session, and must stay `Send` for the controller's tasks).
+pub type ObserveFuture<'c, T, E> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, ObserveError<E>>> + Send + 'c>>;
+
+/// Names the closure type of an observation (closures returning a future
+/// that borrows their argument need the signature spelled out).
+pub fn observation<T, E, F>(f: F) -> F
+where
+    E: std::fmt::Display,
+    F: for<'c> Fn(&'c pg::Client) -> ObserveFuture<'c, T, E>,
+{
+    f
+}
+
+impl ObserveConn {
+    /// Runs `f` on the kept session, connecting first if there is none; if
+    /// `f` fails because the session closed, once more on a new one.
+    pub async fn run<T, E: std::fmt::Display>(
+        &self,
+        conninfo: &str,
+        f: impl for<'c> Fn(&'c pg::Client) -> ObserveFuture<'c, T, E>,
+    ) -> Result<T, ObserveError<E>> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref() {
+            if !c.is_closed() {
+                match f(c).await {
+                    Ok(v) => return Ok(v),
+                    Err(e) if !c.is_closed() => return Err(e),
+                    Err(_) => {}
+                }
+            }
+        }
+        *slot = None;
+        let c = pg::connect(conninfo).await.map_err(ObserveError::Connect)?;
+        let out = f(&c).await;
+        *slot = Some(c);
+        out
+    }
 }
 
 /// [`database`] on an open connection; the peer streams as `peer_app`.
