@@ -254,6 +254,11 @@ struct Runner {
     /// When this runner last tried to adopt a grant a previous leader or
     /// runner of this region left (at most once per TTL).
     adopt_tried_at: Option<std::time::Instant>,
+    /// An epoch the witnesses refused to renew for this region (a majority
+    /// answered, not enough granted): it is not this region's to continue,
+    /// so it is not tried again (a fenced former primary would otherwise
+    /// probe, and warn, once per TTL for as long as it stays fenced).
+    adopt_refused: Option<continuum_shared::lease::Epoch>,
     last_reason: String,
 }
 
@@ -599,6 +604,7 @@ async fn runner_for(ctx: &Ctx, cr: &Continuum) -> Result<Arc<Mutex<Runner>>, Err
         via_handover: false,
         held_once: false,
         adopt_tried_at: None,
+        adopt_refused: None,
         last_reason: String::new(),
     }));
     ctx.runners.lock().await.insert(key, runner.clone());
@@ -1058,7 +1064,11 @@ impl Runner {
                 .map(|t| t + (self.ttl * HANDOVER_TIMEOUT_TTLS).max(Duration::from_secs(10))),
             rejoin: false,
             may_adopt: !self.held_once
-                && self.adopt_tried_at.is_none_or(|t| t.elapsed() >= self.ttl),
+                && self.adopt_tried_at.is_none_or(|t| t.elapsed() >= self.ttl)
+                && seen
+                    .view
+                    .as_ref()
+                    .is_none_or(|v| Some(v.max_epoch) != self.adopt_refused),
             // Only a connection brings a confirmed LSN worth refreshing.
             meta_refresh_due: seen.facts.is_some()
                 && self
@@ -1170,6 +1180,13 @@ impl Runner {
                         ))
                     }
                     Err(e) => {
+                        if matches!(
+                            e,
+                            continuum_shared::quorum::QuorumError::NoMajority { .. }
+                                | continuum_shared::quorum::QuorumError::Held { .. }
+                        ) {
+                            self.adopt_refused = Some(*epoch);
+                        }
                         if seen.db.as_ref().is_some_and(|d| d.primary && !d.fenced) {
                             let detail = self.db.fence().await.map_err(db_err)?;
                             return Err((e.label(), format!("adoption refused ({e}): {detail}")));
