@@ -1454,6 +1454,22 @@ fn start_writer(
     (stop, task)
 }
 
+/// How many of the writer's acknowledged commits are on `pg`, and how many
+/// there were.
+async fn acked_on(
+    pg: &PgRegion,
+    log: &continuum_tests::drill::writer::WriterLog,
+) -> (usize, usize) {
+    let ids: Vec<i64> = log.acks.iter().map(|k| k.id).collect();
+    let present: i64 = scalar(
+        pg,
+        "SELECT count(*) FROM drill_writes WHERE id = ANY($1)",
+        &[&ids],
+    )
+    .await;
+    (present as usize, ids.len())
+}
+
 /// Region a dies (agent and server, kill -9) under a continuous writer: b's
 /// agent promotes its server once (pg_promote after replay caught up), with
 /// every commit a acknowledged; status, Events and metrics say so. a's
@@ -1489,18 +1505,8 @@ async fn postgres_regions_fail_over_without_loss_and_the_old_primary_stays_fence
     let on_a = log.acks.iter().filter(|k| k.region == 0).count();
     let on_b = log.acks.iter().filter(|k| k.region == 1).count();
     assert!(on_a > 0 && on_b > 0, "acks on a {on_a}, on b {on_b}");
-    let ids: Vec<i64> = log.acks.iter().map(|k| k.id).collect();
-    let present: i64 = scalar(
-        &pg_b,
-        "SELECT count(*) FROM drill_writes WHERE id = ANY($1)",
-        &[&ids],
-    )
-    .await;
-    assert_eq!(
-        present as usize,
-        ids.len(),
-        "every acknowledged commit is on b"
-    );
+    let (present, acked) = acked_on(&pg_b, &log).await;
+    assert_eq!(present, acked, "every acknowledged commit is on b");
     let at_promotion = lsn(b.status()["lastFailover"]["lsnAtPromotion"]
         .as_str()
         .unwrap());
@@ -1711,19 +1717,13 @@ async fn postgres_switchover_and_failback_through_the_resource_rebuild_nothing()
     let mut runs: Vec<usize> = log.acks.iter().map(|k| k.region).collect();
     runs.dedup();
     assert_eq!(runs, vec![0, 1, 0], "acknowledging regions in order");
-    let ids: Vec<i64> = log.acks.iter().map(|k| k.id).collect();
     for pg in [&pg_a, &pg_b] {
         eventually(
             &format!("every acknowledged commit on {}", pg.name()),
             Duration::from_secs(10),
             || async {
-                let present: i64 = scalar(
-                    pg,
-                    "SELECT count(*) FROM drill_writes WHERE id = ANY($1)",
-                    &[&ids],
-                )
-                .await;
-                present as usize == ids.len()
+                let (present, acked) = acked_on(pg, &log).await;
+                present == acked
             },
         )
         .await;
@@ -2128,18 +2128,8 @@ async fn postgres_guard_fences_when_the_agent_stops_without_successor() {
     let mut runs: Vec<usize> = log.acks.iter().map(|k| k.region).collect();
     runs.dedup();
     assert_eq!(runs, vec![0, 1], "acknowledging regions in order");
-    let ids: Vec<i64> = log.acks.iter().map(|k| k.id).collect();
-    let present: i64 = scalar(
-        &pg_b,
-        "SELECT count(*) FROM drill_writes WHERE id = ANY($1)",
-        &[&ids],
-    )
-    .await;
-    assert_eq!(
-        present as usize,
-        ids.len(),
-        "every acknowledged commit is on b"
-    );
+    let (present, acked) = acked_on(&pg_b, &log).await;
+    assert_eq!(present, acked, "every acknowledged commit is on b");
     a.assert_no_forbidden();
     b.assert_no_forbidden();
     b.kill_agent();

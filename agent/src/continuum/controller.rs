@@ -1133,6 +1133,25 @@ impl Runner {
         )));
     }
 
+    /// Successor of a planned switchover: its promotion goes into
+    /// `lastSwitchover` (not `lastFailover`).
+    fn record_switchover_promoted(
+        &mut self,
+        epoch: continuum_shared::lease::Epoch,
+        now: Timestamp,
+    ) {
+        let (started, t0) = self.acquired_at.take().unwrap_or((now, Instant::now()));
+        self.last_switchover = Some(LastSwitchover {
+            from_region: Some(self.names.peer.as_str().to_string()),
+            to_region: Some(self.names.region.as_str().to_string()),
+            started_at: Some(rfc3339(started)),
+            completed_at: Some(rfc3339(Timestamp::now())),
+            duration_ms: Some(t0.elapsed().as_millis() as u64),
+            epoch: Some(epoch.0),
+            ..LastSwitchover::default()
+        });
+    }
+
     /// Applies one action; `Ok` carries a human-readable detail.
     async fn apply(
         &mut self,
@@ -1203,17 +1222,7 @@ impl Runner {
                         if std::mem::take(&mut self.via_handover) {
                             // Planned switchover: the old primary stopped
                             // cleanly and follows this server.
-                            let (started, t0) =
-                                self.acquired_at.take().unwrap_or((now, Instant::now()));
-                            self.last_switchover = Some(LastSwitchover {
-                                from_region: Some(self.names.peer.as_str().to_string()),
-                                to_region: Some(self.names.region.as_str().to_string()),
-                                started_at: Some(rfc3339(started)),
-                                completed_at: Some(rfc3339(Timestamp::now())),
-                                duration_ms: Some(t0.elapsed().as_millis() as u64),
-                                epoch: Some(epoch.0),
-                                ..LastSwitchover::default()
-                            });
+                            self.record_switchover_promoted(*epoch, now);
                             return Ok(format!(
                                 "switchover: pg_promote after replaying past the old primary's final position (waited {:?}, promotion {:?}) at epoch {epoch}; lsn_at_promotion={:?}",
                                 r.catch_up_wait,
@@ -1246,17 +1255,7 @@ impl Runner {
                                 ))
                                 .await
                                 .map_err(cnpg_err)?;
-                            let (started, t0) =
-                                self.acquired_at.take().unwrap_or((now, Instant::now()));
-                            self.last_switchover = Some(LastSwitchover {
-                                from_region: Some(self.names.peer.as_str().to_string()),
-                                to_region: Some(self.names.region.as_str().to_string()),
-                                started_at: Some(rfc3339(started)),
-                                completed_at: Some(rfc3339(Timestamp::now())),
-                                duration_ms: Some(t0.elapsed().as_millis() as u64),
-                                epoch: Some(epoch.0),
-                                ..LastSwitchover::default()
-                            });
+                            self.record_switchover_promoted(*epoch, now);
                             return Ok(format!(
                                 "switchover: promoted with the demotion token at epoch {epoch}; spec.replica.primary={}",
                                 self.names.local_cluster
