@@ -1538,12 +1538,22 @@ async fn postgres_regions_fail_over_without_loss_and_the_old_primary_stays_fence
         assert!(tokio::time::Instant::now() < end, "a's server never fenced");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // ...and stays fenced while b is primary at the newer epoch.
+    // ...and stays fenced while b is primary at the newer epoch. A read that
+    // fails (a session cut by a repeated fence) proves nothing either way;
+    // most reads must answer.
     let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut answered = 0;
     while tokio::time::Instant::now() < until {
-        assert!(server_fenced(&pg_a).await, "a's server was unfenced");
+        match continuum_shared::pg::backend::is_fenced(&pg_a.conninfo()).await {
+            Ok(fenced) => {
+                assert!(fenced, "a's server was unfenced");
+                answered += 1;
+            }
+            Err(e) => eprintln!("fence check did not answer: {e}"),
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(answered >= 10, "only {answered} fence checks answered");
     let write = pg_a
         .connect()
         .await
