@@ -1329,43 +1329,6 @@ impl Runner {
             Action::UpdateMeta {
                 sync_standby,
                 handover,
-            } if handover.is_some() => {
-                let grant = self.grant.borrow().clone();
-                let Some(grant) = grant else {
-                    return Err(("not_holding", "no grant to update metadata under".into()));
-                };
-                // The Cluster does not carry the confirmed LSN; only a
-                // connection to the server does.
-                let confirmed = self.confirmed_lsn(seen, sync_standby.as_ref());
-                let meta = self.new_meta(
-                    seen_seq(seen, grant.epoch),
-                    sync_standby.clone(),
-                    confirmed,
-                    handover.clone(),
-                );
-                self.quorum
-                    .update_meta(&grant, &meta)
-                    .await
-                    .map_err(|e| (e.label(), e.to_string()))?;
-                self.recorded = Some(meta);
-                self.recorded_at = Some(std::time::Instant::now());
-                let to = handover.as_ref().map(|h| h.to.as_str().to_string());
-                self.switchover_t0 = Some(Instant::now());
-                self.last_switchover = Some(LastSwitchover {
-                    from_region: Some(self.names.region.as_str().to_string()),
-                    to_region: to.clone(),
-                    requested_at: Some(rfc3339(Timestamp::now())),
-                    epoch: Some(grant.epoch.0),
-                    ..LastSwitchover::default()
-                });
-                Ok(format!(
-                    "switchover: the witnesses record a handover to {to:?} at epoch {}",
-                    grant.epoch
-                ))
-            }
-            Action::UpdateMeta {
-                sync_standby,
-                handover,
             } => {
                 let grant = self.grant.borrow().clone();
                 let Some(grant) = grant else {
@@ -1387,8 +1350,25 @@ impl Runner {
                 let lsn = meta.confirmed_lsn.map(lsn_text);
                 self.recorded = Some(meta);
                 self.recorded_at = Some(std::time::Instant::now());
+                let Some(h) = handover else {
+                    return Ok(format!(
+                        "witnesses record synchronous standby {sync_standby:?} at epoch {} (confirmed LSN {lsn:?})",
+                        grant.epoch
+                    ));
+                };
+                // A handover intent: this region's part of a switchover starts.
+                let to = h.to.as_str().to_string();
+                self.switchover_t0 = Some(Instant::now());
+                self.last_switchover = Some(LastSwitchover {
+                    from_region: Some(self.names.region.as_str().to_string()),
+                    to_region: Some(to.clone()),
+                    requested_at: Some(rfc3339(Timestamp::now())),
+                    epoch: Some(grant.epoch.0),
+                    ..LastSwitchover::default()
+                });
                 Ok(format!(
-                    "witnesses record synchronous standby {sync_standby:?} at epoch {} (confirmed LSN {lsn:?})",
+                    "switchover: the witnesses record a handover to {:?} at epoch {}",
+                    Some(to),
                     grant.epoch
                 ))
             }
