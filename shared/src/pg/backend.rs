@@ -269,6 +269,22 @@ pub async fn is_fenced(conninfo: &str) -> Result<bool, PgError> {
     Ok(decide::is_fenced(col(&row, 0)?, col(&row, 1)?))
 }
 
+/// The handover steps' precondition, from a row whose first three columns
+/// are `pg_is_in_recovery()`, `synchronous_standby_names` and
+/// `default_transaction_read_only`: a primary, fenced; `unfenced` says why
+/// an unfenced one is refused.
+fn require_fenced_primary(row: &tokio_postgres::Row, unfenced: &str) -> Result<(), PgError> {
+    if col::<bool>(row, 0)? {
+        return Err(PgError::Refused("the server is a standby".into()));
+    }
+    if !decide::is_fenced(col(row, 1)?, col(row, 2)?) {
+        return Err(PgError::Refused(format!(
+            "the server is not fenced: {unfenced}"
+        )));
+    }
+    Ok(())
+}
+
 /// A fenced primary's WAL insert position (where its next record goes).
 /// A planned handover over a connection records it as the final position
 /// the successor must replay past: the shutdown checkpoint lands after it.
@@ -283,14 +299,7 @@ pub async fn fenced_wal_end(conninfo: &str) -> Result<Lsn, PgError> {
         )
         .await
         .map_err(q("read WAL end"))?;
-    if col::<bool>(&row, 0)? {
-        return Err(PgError::Refused("the server is a standby".into()));
-    }
-    if !decide::is_fenced(col(&row, 1)?, col(&row, 2)?) {
-        return Err(PgError::Refused(
-            "the server is not fenced: its WAL end still moves".into(),
-        ));
-    }
+    require_fenced_primary(&row, "its WAL end still moves")?;
     lsn_opt(col(&row, 3)?)?.ok_or_else(|| PgError::BadLsn("NULL".into()))
 }
 
@@ -325,14 +334,10 @@ pub async fn stop_to_follow(conninfo: &str, primary_conninfo: &str) -> Result<St
         )
         .await
         .map_err(q("read server state"))?;
-    if col::<bool>(&row, 0)? {
-        return Err(PgError::Refused("the server is already a standby".into()));
-    }
-    if !decide::is_fenced(col(&row, 1)?, col(&row, 2)?) {
-        return Err(PgError::Refused(
-            "the server is not fenced: a primary stops for a handover only after it stopped acknowledging writes".into(),
-        ));
-    }
+    require_fenced_primary(
+        &row,
+        "a primary stops for a handover only after it stopped acknowledging writes",
+    )?;
     let data_directory: String = col(&row, 3)?;
     let pid_file: String = col(&row, 4)?;
     let pid = decide::postmaster_pid(&pid_file)
