@@ -19,6 +19,7 @@ pub mod pg_proc;
 pub mod pki;
 pub mod prometheus_proc;
 pub mod rbac_proof;
+pub mod registry_series;
 pub mod skip;
 pub mod wg_proc;
 pub mod witness_proc;

@@ -17,6 +17,7 @@ use continuum_testapi::{PolicyRule, RequestRecord, TestApi};
 use continuum_tests::pg_proc::PgRegion;
 use continuum_tests::pki::Pki;
 use continuum_tests::rbac_proof;
+use continuum_tests::registry_series::series_in;
 use continuum_tests::witness_proc::{WitnessOpts, WitnessProc};
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{json, Value};
@@ -253,27 +254,6 @@ impl Region {
             self.name
         );
     }
-}
-
-/// Every series of `name` in `reg` carrying all of `labels`.
-fn series_in(
-    reg: &prometheus::Registry,
-    name: &str,
-    labels: &[(&str, &str)],
-) -> Vec<prometheus::proto::Metric> {
-    reg.gather()
-        .iter()
-        .filter(|f| f.name() == name)
-        .flat_map(|f| f.get_metric().iter())
-        .filter(|m| {
-            labels.iter().all(|(k, v)| {
-                m.get_label()
-                    .iter()
-                    .any(|l| l.name() == *k && l.value() == *v)
-            })
-        })
-        .cloned()
-        .collect()
 }
 
 fn counter_sum(series: &[prometheus::proto::Metric]) -> u64 {
@@ -1893,6 +1873,19 @@ fn first_when(history: &History, cond: impl Fn(&Value) -> bool) -> Option<tokio:
 
 const ACTIONS: &str = "continuum_cnpg_failover_actions_total";
 
+/// `r`'s agent fenced exactly once since it counted `before` fences, and its
+/// guard never stood down for a successor.
+fn assert_fenced_once_without_handover(r: &Region, before: u64) {
+    assert_eq!(
+        r.metric(ACTIONS, &[("action", "fence"), ("result", "ok")]),
+        before + 1
+    );
+    assert_eq!(
+        r.metric(ACTIONS, &[("action", "fence"), ("result", "handed_over")]),
+        0
+    );
+}
+
 /// A rolling update of region a's Deployment: two agents of a share the
 /// leader Lease; the leading one gets SIGTERM. It stops its controller,
 /// releases the leader Lease, and its fence guard watches the witnesses:
@@ -2042,14 +2035,7 @@ async fn graceful_shutdown_without_successor_fences_by_the_deadline() {
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
     assert!(fenced(&a.cluster()), "fenced when shutdown returns");
-    assert_eq!(
-        a.metric(ACTIONS, &[("action", "fence"), ("result", "ok")]),
-        fences_before + 1
-    );
-    assert_eq!(
-        a.metric(ACTIONS, &[("action", "fence"), ("result", "handed_over")]),
-        0
-    );
+    assert_fenced_once_without_handover(&a, fences_before);
     wait_for("b promoted", Duration::from_secs(15), || {
         b.cluster()["spec"]["replica"]["primary"] == "pg-b"
     })
@@ -2107,14 +2093,7 @@ async fn postgres_guard_fences_when_the_agent_stops_without_successor() {
         shut - t0
     );
     assert!(server_fenced(&pg_a).await, "fenced when shutdown returns");
-    assert_eq!(
-        a.metric(ACTIONS, &[("action", "fence"), ("result", "ok")]),
-        fences_before + 1
-    );
-    assert_eq!(
-        a.metric(ACTIONS, &[("action", "fence"), ("result", "handed_over")]),
-        0
-    );
+    assert_fenced_once_without_handover(&a, fences_before);
     wait_for("b promoted", Duration::from_secs(15), || {
         let s = b.status();
         s["phase"] == "Primary" && s["epoch"] == 2

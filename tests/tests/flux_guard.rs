@@ -588,17 +588,8 @@ fn events(s: &TestApi, reason: &str) -> Vec<Value> {
 }
 
 fn metric(reg: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
-    reg.gather()
+    continuum_tests::registry_series::series_in(reg, name, labels)
         .iter()
-        .filter(|f| f.name() == name)
-        .flat_map(|f| f.get_metric().iter())
-        .filter(|m| {
-            labels.iter().all(|(k, v)| {
-                m.get_label()
-                    .iter()
-                    .any(|l| l.name() == *k && l.value() == *v)
-            })
-        })
         .map(
             |m| match (m.get_counter().get_value(), m.get_gauge().get_value()) {
                 (c, _) if c != 0.0 => c,
